@@ -1,0 +1,76 @@
+"""Exceptions of previewd. Each docstring is the default message (procrastinate style).
+
+Only `previewd.cli` turns these into exit codes; everything else raises.
+"""
+
+from __future__ import annotations
+
+
+class PreviewdError(Exception):
+    """previewd failed."""
+
+    #: Exit code the command line uses for this error.
+    exit_code = 1
+
+    def __init__(self, message: str | None = None):
+        super().__init__(message or self.__doc__)
+
+
+class ConfigError(PreviewdError):
+    """The configuration is invalid."""
+
+    exit_code = 2
+
+
+class IntakeError(PreviewdError):
+    """An input file could not be turned into render jobs.
+
+    `path` is the file that was dropped, `kind` what it was read as ("aitk-job", "request",
+    "checkpoint"), `problems` a list of "dotted.field: message" lines.
+    """
+
+    def __init__(self, path: str, kind: str, problems: list[str]):
+        self.path = str(path)
+        self.kind = kind
+        self.problems = list(problems)
+        lines = "\n".join(f"  {p}" for p in self.problems)
+        super().__init__(f"{self.path}: invalid {kind} ({len(self.problems)} problem(s)):\n{lines}")
+
+
+class ControlImageError(PreviewdError):
+    """A control image could not be loaded."""
+
+
+class JobStateError(PreviewdError):
+    """A job was not in the state the operation expects."""
+
+
+class PipelineError(PreviewdError):
+    """Rendering failed."""
+
+    #: False when retrying the same render cannot help (bad LoRA, bad spec).
+    transient = False
+
+
+class PipelineOutOfMemory(PipelineError):
+    """The device ran out of memory while rendering."""
+
+    transient = True
+
+
+class RenderInterrupted(PipelineError):
+    """The render was stopped before it finished (shutdown or cancel)."""
+
+    transient = True
+
+
+class LoraError(PipelineError):
+    """The LoRA file cannot be applied to this model."""
+
+
+class NonFiniteOutput(PipelineError):
+    """The render produced NaN or infinite values (it would be saved as a black image)."""
+
+
+class OutboxError(PreviewdError):
+    """Writing previews failed."""

@@ -1,0 +1,120 @@
+"""The plain-data contract between intake, queue, scheduler and pipelines.
+
+A `RenderSpec` says everything that changes the pixels of one image; nothing in it refers to
+the queue or to output placement. Files it names are local and already confined/snapshotted by
+intake: pipelines only open them. No torch here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ModelId = Literal[
+    "qwen_image",
+    "qwen_image_2512",
+    "qwen_image_edit",
+    "qwen_image_edit_plus",
+    "qwen_image_edit_plus_2511",
+    "flux2",
+]
+MODEL_IDS: tuple[str, ...] = ModelId.__args__  # type: ignore[attr-defined]
+
+Parity = Literal["aitk", "reference"]
+ControlSlot = Literal["ctrl_img", "ctrl_img_1", "ctrl_img_2", "ctrl_img_3"]
+
+DEFAULT_STEPS = 25
+DEFAULT_GUIDANCE = 4.0
+DEFAULT_SEED = 42
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class LoraSpec(_Frozen):
+    path: str
+    """Local safetensors file (for queued jobs: previewd's own snapshot of the checkpoint)."""
+    network_multiplier: float = 1.0
+    sha256: str | None = None
+    """Content hash of the file; identifies the checkpoint in records and idempotency keys."""
+
+
+class ControlImage(_Frozen):
+    slot: ControlSlot
+    path: str
+    """Local image file (URLs and base64 are materialised into state_dir by intake)."""
+    sha256: str | None = None
+
+
+class AitkOptions(_Frozen):
+    """ai-toolkit sample settings that change pixels (aitk-sampling.md §C)."""
+
+    do_cfg_norm: bool = False
+    """Edit-plus CFG renormalisation (`sample.do_cfg_norm`); stock diffusers always renormalises."""
+    vae_tiling: bool = False
+    """ai-toolkit tiles the Qwen VAE when the job had `model.low_vram`."""
+
+
+class RenderSpec(_Frozen):
+    model: ModelId
+    parity: Parity = "aitk"
+    prompt: str
+    """Final prompt text: trigger word injected and ai-toolkit `--flags` already parsed out."""
+    neg: str = ""
+    width: int = Field(1024, ge=16, le=8192)
+    """Requested size; pipelines floor it to the model's divisor and report the effective size."""
+    height: int = Field(1024, ge=16, le=8192)
+    seed: int = Field(DEFAULT_SEED, ge=-1)
+    """-1 draws a random seed; the seed actually used is in the result."""
+    sample_steps: int = Field(DEFAULT_STEPS, ge=1, le=1000)
+    guidance_scale: float = Field(DEFAULT_GUIDANCE, ge=0)
+    lora: LoraSpec | None = None
+    control_images: tuple[ControlImage, ...] = ()
+    aitk: AitkOptions = AitkOptions()
+
+    def control(self, slot: str) -> ControlImage | None:
+        return next((c for c in self.control_images if c.slot == slot), None)
+
+    def identity(self) -> dict[str, Any]:
+        """What determines the pixels, with files named by content, not by path."""
+        data = self.model_dump(mode="json")
+        if self.lora is not None:
+            data["lora"] = {"sha256": self.lora.sha256 or self.lora.path,
+                            "network_multiplier": self.lora.network_multiplier}
+        data["control_images"] = [{"slot": c.slot, "sha256": c.sha256 or c.path}
+                                  for c in self.control_images]
+        return data
+
+
+def canonical_hash(data: Any) -> str:
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class ModelSource(_Frozen):
+    """Where a model's weights come from (config `models.<id>`)."""
+
+    path: str
+    """A diffusers-layout folder or a hub id (resolved through the user's HF cache, offline-safe)."""
+    text_encoder: str | None = None
+    """Optional separate source of the text encoder (+ tokenizer/processor)."""
+    quantize_text_encoder: Literal["none", "qfloat8"] = "none"
+
+
+@dataclass
+class RenderResult:
+    """One rendered image and the record of how it was made."""
+
+    image: Any
+    """PIL.Image.Image, RGB."""
+    seed: int
+    width: int
+    height: int
+    record: dict[str, Any] = field(default_factory=dict)
+    """Every setting that changed pixels (profile, scheduler, resize kernels, LoRA mode, dtype...)."""
+    timings: dict[str, float] = field(default_factory=dict)

@@ -1,0 +1,66 @@
+"""What each model id is, without importing torch: intake validates requests against this."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from previewd.spec import MODEL_IDS, RenderSpec
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    id: str
+    hub_id: str
+    module: str
+    """Module (under previewd.pipelines) and class that render this id."""
+    cls: str
+    control: Literal["none", "single", "multi"]
+    """none: text-to-image; single: `ctrl_img` required; multi: `ctrl_img_1` required, `_2`/`_3` optional."""
+    lora_mode: Literal["fuse", "adapter", "merge"]
+    """How the reference server applies the LoRA (seeds); ai-toolkit merges for all of them."""
+    divisor: int = 32
+
+
+MODELS: dict[str, ModelInfo] = {
+    m.id: m
+    for m in (
+        ModelInfo("qwen_image", "Qwen/Qwen-Image", "qwen_image", "QwenImagePreview", "none", "adapter"),
+        ModelInfo("qwen_image_2512", "Qwen/Qwen-Image-2512", "qwen_image", "QwenImagePreview", "none", "fuse"),
+        ModelInfo("qwen_image_edit", "Qwen/Qwen-Image-Edit", "qwen_image", "QwenImageEditPreview", "single",
+                  "adapter"),
+        ModelInfo("qwen_image_edit_plus", "Qwen/Qwen-Image-Edit-2509", "qwen_image", "QwenImageEditPlusPreview",
+                  "multi", "adapter"),
+        ModelInfo("qwen_image_edit_plus_2511", "Qwen/Qwen-Image-Edit-2511", "qwen_image",
+                  "QwenImageEditPlusPreview", "multi", "fuse"),
+        ModelInfo("flux2", "black-forest-labs/FLUX.2-dev", "flux2", "Flux2Preview", "none", "merge"),
+    )
+}
+assert set(MODELS) == set(MODEL_IDS)
+
+MIN_SIDE = 64
+
+
+def snap(value: int, divisor: int) -> int:
+    """Floor to the divisor, as both ai-toolkit and the reference server do (the seeds: 32)."""
+    return (int(value) // divisor) * divisor
+
+
+def validate_spec(spec: RenderSpec) -> list[str]:
+    """Problems that make `spec` unrenderable, as "field: message" lines, before any model loads."""
+    info = MODELS.get(spec.model)
+    if info is None:
+        return [f"model: unknown model id {spec.model!r} (known: {', '.join(MODELS)})"]
+    problems = []
+    for name in ("width", "height"):
+        value = getattr(spec, name)
+        if snap(value, info.divisor) < MIN_SIDE:
+            problems.append(f"{name}: {value} is below the minimum of {MIN_SIDE} px for {spec.model}")
+    slots = {c.slot for c in spec.control_images}
+    if info.control == "none" and slots and spec.model != "flux2":
+        problems.append(f"ctrl_img: {spec.model} takes no control image (got {', '.join(sorted(slots))})")
+    if info.control == "single" and "ctrl_img" not in slots:
+        problems.append(f"ctrl_img: {spec.model} requires a control image in `ctrl_img`")
+    if info.control == "multi" and not ({"ctrl_img_1", "ctrl_img"} & slots):
+        problems.append(f"ctrl_img_1: {spec.model} requires at least one control image (`ctrl_img_1`)")
+    return problems
