@@ -1,0 +1,174 @@
+"""Control images: local path, http(s) URL or base64, snapshotted content-addressed.
+
+Queued renders must not depend on the source (a URL can change, a dataset file can be edited),
+so every image is copied into the store under its sha256 before a spec names it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import os
+import re
+import tempfile
+import urllib.error
+import urllib.request
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from previewd.errors import ControlImageError
+from previewd.intake.paths import is_url, outside_roots_message, resolve_path, within
+
+_DATA_URI = re.compile(r"^data:([^;,]*)(;[^,]*)?,", re.IGNORECASE)
+_BASE64 = re.compile(r"^[A-Za-z0-9+/=_\-\s]+$")
+# Shorter strings are treated as paths: no real image encodes to fewer than 64 base64 characters.
+_MIN_BASE64 = 64
+_CHUNK = 1 << 16
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    """A verified image in the store."""
+
+    path: str
+    sha256: str
+    width: int
+    height: int
+
+
+class ControlImageStore:
+    def __init__(self, store_dir: Path, *, allowed_roots: list[Path], max_bytes: int = 20 * 1024 * 1024,
+                 max_pixels: int = 50_000_000, allow_urls: bool = True, url_timeout: float = 30,
+                 trusted: bool = False):
+        """`trusted` lifts the confinement of local paths (`previewd render`: the user names them)."""
+        self.store_dir = Path(store_dir)
+        self.allowed_roots = [Path(r) for r in allowed_roots]
+        self.max_bytes = max_bytes
+        self.max_pixels = int(max_pixels)
+        self.allow_urls = allow_urls
+        self.url_timeout = url_timeout
+        self.trusted = trusted
+
+    def resolve(self, source: str, base_dir: Path, field: str) -> StoredImage:
+        """Load, verify and store `source`; raises ControlImageError("<field>: <reason>")."""
+        try:
+            data = self._fetch(source.strip(), Path(base_dir))
+            return self._store(data)
+        except _Rejected as exc:
+            raise ControlImageError(f"{field}: {exc}") from None
+
+    def _fetch(self, source: str, base_dir: Path) -> bytes:
+        if not source:
+            raise _Rejected("empty value")
+        if is_url(source):
+            return self._download(source)
+        match = _DATA_URI.match(source)
+        if match:
+            if not (match.group(2) or "").lower().endswith("base64"):
+                raise _Rejected("data URI is not base64-encoded (expected data:image/...;base64,...)")
+            return self._decode_base64(source[match.end():])
+        if len(source) >= _MIN_BASE64 and _BASE64.match(source):
+            candidate = resolve_path(source, base_dir) if len(source) < 4096 else None
+            if candidate is None or not candidate.exists():
+                return self._decode_base64(source)
+        return self._read_local(source, base_dir)
+
+    def _read_local(self, source: str, base_dir: Path) -> bytes:
+        path = resolve_path(source, base_dir)
+        if not self.trusted and not within(path, self.allowed_roots):
+            raise _Rejected(outside_roots_message(path, self.allowed_roots))
+        if not path.exists():
+            raise _Rejected(f"file not found: {path}")
+        if not path.is_file():
+            raise _Rejected(f"not a file: {path}")
+        size = path.stat().st_size
+        if size > self.max_bytes:
+            raise _Rejected(f"too large: {path} has {size} bytes (limit {self.max_bytes})")
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise _Rejected(f"unreadable: {path}: {exc.strerror or exc}") from None
+
+    def _download(self, url: str) -> bytes:
+        if not self.allow_urls:
+            raise _Rejected(f"URLs are disabled in the config: {url}")
+        request = urllib.request.Request(url, headers={"User-Agent": "previewd"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.url_timeout) as response:
+                declared = response.headers.get("Content-Length")
+                if declared and declared.isdigit() and int(declared) > self.max_bytes:
+                    raise _Rejected(f"too large: {url} declares {declared} bytes (limit {self.max_bytes})")
+                buf = bytearray()
+                while chunk := response.read(_CHUNK):
+                    buf += chunk
+                    if len(buf) > self.max_bytes:
+                        raise _Rejected(f"too large: {url} sent more than {self.max_bytes} bytes")
+                return bytes(buf)
+        except urllib.error.HTTPError as exc:
+            raise _Rejected(f"URL failed: {url}: HTTP {exc.code} {exc.reason}") from None
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", None) or exc
+            raise _Rejected(f"URL failed: {url}: {reason}") from None
+
+    def _decode_base64(self, text: str) -> bytes:
+        text = "".join(text.split())
+        # Reject before decoding what would exceed the limit anyway (4 chars -> 3 bytes).
+        if len(text) * 3 // 4 > self.max_bytes:
+            raise _Rejected(f"too large: base64 data decodes to more than {self.max_bytes} bytes")
+        try:
+            if "-" in text or "_" in text:
+                return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+            return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+        except (binascii.Error, ValueError):
+            raise _Rejected("neither an existing file, a URL nor valid base64 image data") from None
+
+    def _verify(self, data: bytes) -> tuple[str, int, int]:
+        """(extension, width, height) of a fully decodable image within the limits."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            try:
+                with Image.open(io.BytesIO(data)) as im:
+                    fmt, (width, height) = im.format, im.size
+                    if width * height > self.max_pixels:
+                        raise _Rejected(f"too large: {width}x{height} pixels (limit {self.max_pixels})")
+                    im.verify()
+                # verify() leaves the image unusable and misses truncated pixel data: decode it fully.
+                with Image.open(io.BytesIO(data)) as im:
+                    im.load()
+            except _Rejected:
+                raise
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+                raise _Rejected("too large: decompression bomb rejected by Pillow") from None
+            except UnidentifiedImageError:
+                raise _Rejected("not an image (Pillow cannot identify the data)") from None
+            except (OSError, SyntaxError, ValueError) as exc:
+                raise _Rejected(f"not an image: corrupt or truncated data ({exc})") from None
+        ext = {"JPEG": "jpg", "MPO": "jpg"}.get(fmt or "", (fmt or "img").lower())
+        return ext, width, height
+
+    def _store(self, data: bytes) -> StoredImage:
+        ext, width, height = self._verify(data)
+        digest = hashlib.sha256(data).hexdigest()
+        target = self.store_dir / f"{digest}.{ext}"
+        if not target.exists():
+            self.store_dir.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.store_dir, prefix=".tmp-", suffix=f".{ext}")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, target)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        return StoredImage(path=str(target), sha256=digest, width=width, height=height)
+
+
+class _Rejected(Exception):
+    """Internal: the reason an image was refused, before the field name is attached."""
