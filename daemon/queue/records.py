@@ -1,0 +1,65 @@
+"""What the store returns: frozen values, never database rows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from datetime import datetime
+from typing import Any
+
+from previewd.queue.states import JobState
+
+
+class _FromRow:
+    @classmethod
+    def from_row(cls, row):
+        mapping = row._mapping
+        return cls(**{f.name: mapping[f.name] for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class Job(_FromRow):
+    id: int
+    key: str
+    state: JobState
+    priority: int
+    model: str
+    affinity: str | None
+    group: str
+    payload: dict[str, Any]
+    """Opaque to the queue; the scheduler decides what it means."""
+    attempts: int
+    """Runs started so far, counting the current one; `release` gives a run back."""
+    max_attempts: int
+    worker_id: str | None
+    """The worker running the job, or the last one that did once it has finished."""
+    lease_expires_at: datetime | None
+    run_after: datetime | None
+    progress: float | None
+    last_error: str | None
+    result: dict[str, Any] | None
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True)
+class JobEvent(_FromRow):
+    id: int
+    job_id: int
+    at: datetime
+    from_state: JobState | None
+    """None for the event that records the enqueue."""
+    to_state: JobState
+    worker_id: str | None
+    message: str | None
+
+
+@dataclass(frozen=True)
+class Worker(_FromRow):
+    id: str
+    hostname: str
+    pid: int
+    started_at: datetime
+    last_heartbeat: datetime
+    current_job_id: int | None
