@@ -1,0 +1,5 @@
+import sys
+
+from previewd.cli import main
+
+sys.exit(main())

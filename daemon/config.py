@@ -1,0 +1,177 @@
+"""The YAML configuration: pydantic models, loaded once at start and never mutated.
+
+Relative paths are relative to the config file's folder. Unknown keys are errors, so a typo
+never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from previewd.errors import ConfigError
+from previewd.spec import MODEL_IDS, ModelSource
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class WatchConfig(_Strict):
+    roots: tuple[Path, ...] = ()
+    """Training folders watched besides the inbox (e.g. ai-toolkit's training_folder)."""
+    polling: bool = False
+    """Use the polling observer (network filesystems, where inotify sees nothing)."""
+    settle_seconds: float = Field(5.0, ge=0)
+    """A file counts as written once its size and mtime have not changed for this long."""
+    rescan_seconds: float = Field(60.0, gt=0)
+    """Full rescan period: watcher events can be lost (overflow, network filesystems)."""
+
+
+class WorkerConfig(_Strict):
+    lease_seconds: float = Field(300.0, gt=0)
+    """A running job whose worker has not renewed its lease for this long is taken again."""
+    heartbeat_seconds: float = Field(10.0, gt=0)
+    max_attempts: int = Field(3, ge=1)
+    retry_delay_seconds: float = Field(10.0, ge=0)
+    idle_poll_seconds: float = Field(2.0, gt=0)
+    min_free_vram_gb: float = Field(0.0, ge=0)
+    """On CUDA, wait until this much device memory is free before loading a model (training shares the GPU)."""
+    shutdown_timeout_seconds: float = Field(30.0, ge=0)
+
+
+class OutputConfig(_Strict):
+    format: Literal["png", "jpg"] = "png"
+    dirname: str = "previews"
+    """Folder created inside a training run for its previews."""
+    grid: bool = True
+    html: bool = True
+
+
+class ModelConfig(_Strict):
+    path: str
+    """A hub id (resolved through the user's Hugging Face cache) or a local diffusers-layout folder."""
+    text_encoder: str | None = None
+    quantize_text_encoder: Literal["none", "qfloat8"] = "none"
+
+
+class Config(_Strict):
+    inbox: Path
+    state_dir: Path
+    database_url: str | None = None
+    outbox_root: Path
+    allowed_roots: tuple[Path, ...] = ()
+    """Extra folders that files dropped into the inbox may name (control images, LoRAs)."""
+    device: str = "auto"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    parity: Literal["aitk", "reference"] = "aitk"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    watch: WatchConfig = WatchConfig()
+    worker: WorkerConfig = WorkerConfig()
+    output: OutputConfig = OutputConfig()
+    models: dict[str, ModelConfig] = Field(default_factory=dict)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+            return value
+        raise ValueError(f"must be auto, cpu, cuda or cuda:N (got {value!r})")
+
+    @field_validator("models")
+    @classmethod
+    def _models(cls, value: dict[str, ModelConfig]) -> dict[str, ModelConfig]:
+        unknown = sorted(set(value) - set(MODEL_IDS))
+        if unknown:
+            raise ValueError(f"unknown model id(s) {', '.join(unknown)} (known: {', '.join(MODEL_IDS)})")
+        return value
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.state_dir / 'previewd.db').resolve()}"
+
+    @property
+    def snapshot_dir(self) -> Path:
+        return self.state_dir / "checkpoints"
+
+    @property
+    def asset_dir(self) -> Path:
+        return self.state_dir / "assets"
+
+    @property
+    def watch_roots(self) -> tuple[Path, ...]:
+        return (self.inbox, *self.watch.roots)
+
+    @property
+    def confinement_roots(self) -> list[Path]:
+        return [p.resolve() for p in (*self.watch_roots, *self.allowed_roots)]
+
+    def model_source(self, model_id: str) -> ModelSource:
+        """Where `model_id` loads from: configured, else its hub id (through the local cache)."""
+        from previewd.pipelines.models import MODELS
+
+        configured = self.models.get(model_id)
+        if configured is None:
+            return ModelSource(path=MODELS[model_id].hub_id)
+        return ModelSource(path=configured.path, text_encoder=configured.text_encoder,
+                           quantize_text_encoder=configured.quantize_text_encoder)
+
+
+def _resolve_paths(data: dict, base: Path) -> dict:
+    def fix(value):
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else (base / path).resolve()
+
+    for key in ("inbox", "state_dir", "outbox_root"):
+        if isinstance(data.get(key), str):
+            data[key] = fix(data[key])
+    if isinstance(data.get("allowed_roots"), list):
+        data["allowed_roots"] = [fix(p) if isinstance(p, str) else p for p in data["allowed_roots"]]
+    watch = data.get("watch")
+    if isinstance(watch, dict) and isinstance(watch.get("roots"), list):
+        watch["roots"] = [fix(p) if isinstance(p, str) else p for p in watch["roots"]]
+    models = data.get("models")
+    if isinstance(models, dict):
+        for entry in models.values():
+            # A local folder is written as a relative path; anything else (a hub id) stays as it is.
+            for key in ("path", "text_encoder"):
+                if isinstance(entry, dict) and isinstance(entry.get(key), str):
+                    candidate = base / entry[key]
+                    if entry[key].startswith((".", "/", "~")) or candidate.exists():
+                        entry[key] = str(fix(entry[key]))
+    return data
+
+
+def format_validation_error(source: str, error: ValidationError) -> list[str]:
+    """pydantic errors as "file: dotted.key: message (got value)" lines."""
+    lines = []
+    for item in error.errors():
+        loc = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        got = ""
+        if item["type"] not in ("missing",) and "input" in item and not isinstance(item["input"], dict):
+            got = f" (got {item['input']!r})"
+        lines.append(f"{source}: {loc}: {item['msg']}{got}")
+    return lines
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate the config, reporting every problem at once as one ConfigError."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the config must be a mapping of keys, got {type(data).__name__}")
+    data = _resolve_paths(dict(data), path.resolve().parent)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError("invalid config:\n" + "\n".join(format_validation_error(str(path), exc))) from exc

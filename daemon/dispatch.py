@@ -1,0 +1,212 @@
+"""Turns a ready file into queued jobs: the step between the inbox and the queue.
+
+- `config.yaml` of an ai-toolkit run: read the run, then queue every complete checkpoint in it;
+- `<name>_<step>.safetensors` / `<name>.safetensors` inside a run: snapshot it, queue one job
+  per sample prompt;
+- `*.yaml|*.yml|*.json` elsewhere: a render request;
+- pickled weights (`.ckpt`, `.pt`, `.bin`, `.pth`) outside a run: refused, never opened;
+- anything else: left alone, logged once.
+Bad input gets `<file>.error.txt` beside it (removed again once the file is fixed) and a log
+line; nothing here stops the daemon.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from previewd import snapshots
+from previewd.config import Config
+from previewd.errors import IntakeError, PreviewdError
+from previewd.intake import aitoolkit, request as requests
+from previewd.intake.images import ControlImageStore
+from previewd.intake.safetensors_header import is_complete
+from previewd.queue.store import JobStore
+from previewd.spec import LoraSpec, RenderSpec
+from previewd.tasks import OutputTarget, RenderTask, image_name
+
+log = logging.getLogger(__name__)
+
+JOB_CONFIG = "config.yaml"
+REQUEST_SUFFIXES = (".yaml", ".yml", ".json")
+PICKLED_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+IGNORED_SUFFIXES = (".tmp", ".partial", ".part", ".error.txt", ".lock")
+
+
+@dataclass
+class IntakeOutcome:
+    """What one file produced, for `previewd render`/`submit` and tests."""
+
+    path: Path
+    tasks: list[RenderTask] = field(default_factory=list)
+    queued: int = 0
+    duplicates: int = 0
+
+
+def error_file(path: Path) -> Path:
+    return path.with_name(path.name + ".error.txt")
+
+
+class Dispatcher:
+    def __init__(self, config: Config, store: JobStore | None):
+        self._config = config
+        self._store = store
+        self._roots = config.confinement_roots
+        self._images = ControlImageStore(config.asset_dir, allowed_roots=self._roots)
+        self._reported: set[tuple[Path, str]] = set()
+
+    # -- what the watcher should not even look at ---------------------------------------
+    def ignore(self, path: Path) -> bool:
+        if any(part.startswith(".") for part in path.parts[-2:]) or path.name.endswith(IGNORED_SUFFIXES):
+            return True
+        resolved = path.resolve()
+        for own in (self._config.state_dir, self._config.outbox_root):
+            if resolved.is_relative_to(own.resolve()):
+                return True
+        # Our previews and ai-toolkit's own samples live inside the runs we watch.
+        return any(part in (self._config.output.dirname, "samples") for part in path.parent.parts)
+
+    # -- entry point: called by the watcher for each settled file -------------------------
+    def handle(self, path: Path) -> bool:
+        """Process `path`; False means "not ready yet, look again later"."""
+        job_dir = self._owning_run(path)
+        try:
+            if path.name == JOB_CONFIG:
+                self.take_run(path)
+            elif job_dir is not None:
+                if path.suffix == ".safetensors":
+                    return self._take_checkpoint(job_dir / JOB_CONFIG, path)
+                return True  # optimizer.pt, logs, loss db...: the run's own files
+            elif path.suffix in REQUEST_SUFFIXES:
+                self.take_request(path)
+            elif path.suffix in PICKLED_SUFFIXES:
+                self._reject(path, IntakeError(path, "file", [
+                    f"{path.suffix}: pickled weights are never loaded (unpickling runs arbitrary code); "
+                    "convert the file to .safetensors"]))
+            else:
+                self._once(path, "not a training run, checkpoint or request: left alone")
+        except IntakeError as exc:
+            self._reject(path, exc)
+        return True
+
+    def _owning_run(self, path: Path) -> Path | None:
+        """The ai-toolkit run folder that holds `path` (a parent with config.yaml), within the roots."""
+        for parent in path.parents:
+            if (parent / JOB_CONFIG).is_file():
+                return parent
+            if any(parent == root for root in self._roots):
+                return None
+        return None
+
+    # -- ai-toolkit runs ------------------------------------------------------------------
+    def take_run(self, config_path: Path) -> list[IntakeOutcome]:
+        job = aitoolkit.read_job(config_path)
+        self._clear_error(config_path)
+        for warning in job.warnings:
+            self._once(config_path, warning)
+        outcomes = []
+        for checkpoint in sorted(job.job_dir.glob("*.safetensors")):
+            if aitoolkit.is_checkpoint(job, checkpoint) and is_complete(checkpoint):
+                outcomes.append(self._queue_checkpoint(job, checkpoint))
+        return outcomes
+
+    def _take_checkpoint(self, config_path: Path, path: Path) -> bool:
+        try:
+            job = aitoolkit.read_job(config_path)
+        except IntakeError as exc:
+            self._reject(config_path, exc)
+            return True
+        if not aitoolkit.is_checkpoint(job, path):
+            self._once(path, f"not a checkpoint of run {job.name!r}: left alone")
+            return True
+        if not is_complete(path):
+            self._once(path, "safetensors header does not match the file size yet: waiting")
+            return False
+        self._queue_checkpoint(job, path)
+        return True
+
+    def _queue_checkpoint(self, job: aitoolkit.AitkJob, path: Path) -> IntakeOutcome:
+        snap, digest = snapshots.snapshot(path, self._config.snapshot_dir)
+        from previewd.intake.safetensors_header import read_header
+
+        _header, metadata = read_header(snap)
+        step = aitoolkit.checkpoint_step(job, path, metadata)
+        renders = aitoolkit.specs_for_checkpoint(job, str(snap), parity=self._config.parity,
+                                                 resolve_image=self._images.resolve)
+        out_dir = job.job_dir / self._config.output.dirname
+        tasks = [
+            RenderTask(spec=_with_snapshot(spec, digest), target=OutputTarget(
+                out_dir=str(out_dir), image_name=image_name(step, path.name, index, self._config.output.format),
+                title=job.name, source=str(job.config_path), checkpoint=path.name, step=step,
+                prompt_index=index, format=self._config.output.format, job_dir=str(job.job_dir)))
+            for index, spec in renders
+        ]
+        return self._enqueue(path, tasks)
+
+    # -- requests ---------------------------------------------------------------------------
+    def plan_request(self, path: Path, *, trusted: bool = False, out_dir: Path | None = None) -> list[RenderTask]:
+        """Read a request into tasks (LoRA snapshotted). `trusted`: the user named it on the command line."""
+        plan = requests.read_request(path, allowed_roots=None if trusted else self._roots,
+                                     default_parity=self._config.parity, resolve_image=(
+                                         self._images.trusted_resolve if trusted else self._images.resolve))
+        target_dir = out_dir or plan.output_dir or (self._config.outbox_root / plan.name)
+        fmt = plan.output_format or self._config.output.format
+        tasks = []
+        for index, spec in plan.renders:
+            checkpoint = step = None
+            if spec.lora is not None:
+                snap, digest = snapshots.snapshot(Path(spec.lora.path), self._config.snapshot_dir)
+                checkpoint = Path(spec.lora.path).name
+                step = aitoolkit.step_from_name(checkpoint)
+                spec = spec.model_copy(update={"lora": LoraSpec(path=str(snap), sha256=digest,
+                                                                network_multiplier=spec.lora.network_multiplier)})
+            tasks.append(RenderTask(spec=spec, target=OutputTarget(
+                out_dir=str(target_dir), image_name=image_name(step, checkpoint, index, fmt), title=plan.name,
+                source=str(path), checkpoint=checkpoint, step=step, prompt_index=index, format=fmt)))
+        return tasks
+
+    def take_request(self, path: Path) -> IntakeOutcome:
+        tasks = self.plan_request(path)
+        self._clear_error(path)
+        return self._enqueue(path, tasks)
+
+    # -- shared -------------------------------------------------------------------------------
+    def _enqueue(self, source: Path, tasks: list[RenderTask]) -> IntakeOutcome:
+        outcome = IntakeOutcome(path=source, tasks=tasks)
+        if self._store is None:
+            return outcome
+        for task in tasks:
+            _job, created = self._store.enqueue(
+                key=task.idempotency_key(), payload=task.model_dump(mode="json"), model=task.spec.model,
+                group=task.target.out_dir, affinity=task.spec.lora.sha256 if task.spec.lora else None,
+                max_attempts=self._config.worker.max_attempts)
+            if created:
+                outcome.queued += 1
+            else:
+                outcome.duplicates += 1
+        log.info("%s: %d job(s) queued, %d already known", source, outcome.queued, outcome.duplicates)
+        return outcome
+
+    def _reject(self, path: Path, exc: PreviewdError) -> None:
+        text = f"previewd could not use this file.\n\n{exc}\n\nFix the file (or replace it) and previewd reads it again.\n"
+        log.error("%s", exc)
+        try:
+            target = error_file(path)
+            if not target.exists() or target.read_text() != text:
+                target.write_text(text)
+        except OSError as write_error:
+            log.error("%s: cannot write the error file: %s", path, write_error)
+
+    def _clear_error(self, path: Path) -> None:
+        error_file(path).unlink(missing_ok=True)
+
+    def _once(self, path: Path, message: str) -> None:
+        if (path, message) not in self._reported:
+            self._reported.add((path, message))
+            log.info("%s: %s", path, message)
+
+
+def _with_snapshot(spec: RenderSpec, digest: str) -> RenderSpec:
+    assert spec.lora is not None
+    return spec.model_copy(update={"lora": spec.lora.model_copy(update={"sha256": digest})})

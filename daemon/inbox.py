@@ -1,0 +1,171 @@
+"""Watches the inbox and training folders; hands over files once they are completely written.
+
+watchdog's dispatcher thread only records paths. A settle thread decides when a file is ready:
+its size and mtime unchanged for `settle_seconds` (ai-toolkit writes checkpoints in place,
+slowly). Then `on_ready(path)` runs on that thread; it returns False when the file is not
+usable yet (e.g. an inconsistent safetensors header), and the path is checked again later.
+Events can be lost, so there is a scan at start and a full rescan every `rescan_seconds`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+from watchdog.observers.polling import PollingObserver
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Pending:
+    size: int
+    mtime_ns: int
+    stable_since: float
+
+
+def _stat(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, watcher: InboxWatcher):
+        self._watcher = watcher
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type in ("opened", "deleted", "closed_no_write"):
+            return
+        for raw in (event.src_path, getattr(event, "dest_path", "")):
+            if not raw:
+                continue
+            path = Path(os.fsdecode(raw))
+            if event.is_directory:
+                if event.event_type in ("created", "moved"):
+                    self._watcher.scan_dir(path)
+            else:
+                self._watcher.touch(path)
+
+
+class InboxWatcher:
+    def __init__(self, roots: Iterable[Path], on_ready: Callable[[Path], bool], *,
+                 ignore: Callable[[Path], bool], settle_seconds: float = 5.0,
+                 rescan_seconds: float = 60.0, polling: bool = False):
+        self.roots = [Path(r) for r in roots]
+        self._on_ready = on_ready
+        self._ignore = ignore
+        self._settle = settle_seconds
+        self._rescan = rescan_seconds
+        self._observer = PollingObserver() if polling else Observer()
+        self._pending: dict[Path, _Pending] = {}
+        self._handled: dict[Path, tuple[int, int]] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._busy = False
+        self._thread = threading.Thread(target=self._run, name="previewd-settle", daemon=True)
+
+    def start(self) -> None:
+        for root in self.roots:
+            root.mkdir(parents=True, exist_ok=True)
+            self._observer.schedule(_Handler(self), str(root), recursive=True)
+        self._observer.start()
+        self.rescan()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._observer.stop()
+        self._observer.join(timeout=5)
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing waiting to settle and no file being handed over."""
+        with self._lock:
+            return not self._pending and not self._busy
+
+    def touch(self, path: Path) -> None:
+        if self._ignore(path):
+            return
+        stat = _stat(path)
+        if stat is None:
+            return
+        with self._lock:
+            if self._handled.get(path) == stat:
+                return
+            current = self._pending.get(path)
+            if current is None or (current.size, current.mtime_ns) != stat:
+                self._pending[path] = _Pending(*stat, stable_since=time.monotonic())
+        self._wake.set()
+
+    def scan_dir(self, directory: Path) -> None:
+        for dirpath, dirnames, filenames in os.walk(directory):
+            base = Path(dirpath)
+            dirnames[:] = [d for d in dirnames if not self._ignore(base / d)]
+            for name in filenames:
+                self.touch(base / name)
+
+    def rescan(self) -> None:
+        for root in self.roots:
+            self.scan_dir(root)
+
+    def _run(self) -> None:
+        next_rescan = time.monotonic() + self._rescan
+        while not self._stop.is_set():
+            self._wake.wait(timeout=min(0.5, max(self._settle / 2, 0.05)))
+            self._wake.clear()
+            now = time.monotonic()
+            if now >= next_rescan:
+                self.rescan()
+                next_rescan = now + self._rescan
+            for path in self._due(now):
+                if self._stop.is_set():
+                    break
+                self._deliver(path)
+
+    def _due(self, now: float) -> list[Path]:
+        due = []
+        with self._lock:
+            for path, pending in list(self._pending.items()):
+                stat = _stat(path)
+                if stat is None:
+                    del self._pending[path]
+                elif (pending.size, pending.mtime_ns) != stat:
+                    self._pending[path] = _Pending(*stat, stable_since=now)
+                elif now - pending.stable_since >= self._settle:
+                    due.append(path)
+        return sorted(due)
+
+    def _deliver(self, path: Path) -> None:
+        stat = _stat(path)
+        with self._lock:
+            self._busy = True
+        try:
+            done = self._on_ready(path)
+        except Exception:
+            # A bug in intake must not kill the watcher; the file is tried again once it changes.
+            log.exception("intake of %s failed unexpectedly", path)
+            done = True
+        finally:
+            with self._lock:
+                self._busy = False
+        with self._lock:
+            if done:
+                self._pending.pop(path, None)
+                if stat is not None:
+                    self._handled[path] = stat
+            elif path in self._pending:
+                self._pending[path].stable_since = time.monotonic()

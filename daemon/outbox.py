@@ -1,0 +1,235 @@
+"""Writes previews: images, manifest.json, grid.png and index.html, all atomically.
+
+Every file goes to a temporary name in the same folder and is `os.replace`d into place, so a
+reader never sees half a file and a crash never leaves a corrupt manifest. The manifest is
+read-modify-written under a file lock because several workers may share one outbox.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import html
+import io
+import json
+import math
+import os
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
+
+from previewd.tasks import OutputTarget
+
+MANIFEST = "manifest.json"
+GRID = "grid.png"
+PAGE = "index.html"
+MANIFEST_VERSION = 1
+_CELL = 256
+_LABEL_H = 18
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def _locked(out_dir: Path) -> Iterator[None]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / ".manifest.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def encode_image(image: Image.Image, fmt: str, record: dict[str, Any]) -> bytes:
+    buffer = io.BytesIO()
+    if fmt == "png":
+        info = PngImagePlugin.PngInfo()
+        info.add_text("previewd", json.dumps(record, sort_keys=True))
+        image.save(buffer, format="PNG", pnginfo=info)
+    else:
+        image.convert("RGB").save(buffer, format="JPEG", quality=95,
+                                  comment=json.dumps(record, sort_keys=True).encode())
+    return buffer.getvalue()
+
+
+def compare(ours: Image.Image, theirs_path: Path) -> dict[str, Any]:
+    """How far our render is from ai-toolkit's own sample for the same step and prompt."""
+    import numpy as np
+
+    try:
+        with Image.open(theirs_path) as theirs:
+            theirs_rgb = theirs.convert("RGB")
+    except OSError as exc:
+        return {"error": f"cannot read sample: {exc}"}
+    if theirs_rgb.size != ours.size:
+        return {"error": f"size differs: ours {ours.size[0]}x{ours.size[1]}, "
+                         f"sample {theirs_rgb.size[0]}x{theirs_rgb.size[1]}"}
+    a = np.asarray(ours.convert("RGB"), dtype=np.float64)
+    b = np.asarray(theirs_rgb, dtype=np.float64)
+    mse = float(((a - b) ** 2).mean())
+    return {"mean_abs_diff": round(float(abs(a - b).mean()), 4),
+            "max_abs_diff": int(abs(a - b).max()),
+            "psnr_db": None if mse == 0 else round(10 * math.log10(255.0 ** 2 / mse), 3)}
+
+
+def read_manifest(out_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((out_dir / MANIFEST).read_text())
+    except FileNotFoundError:
+        return None
+
+
+def _summarise(manifest: dict[str, Any]) -> None:
+    """Derive the prompt and checkpoint lists from the renders (one source of truth)."""
+    renders = sorted(manifest["renders"], key=lambda r: (_step_key(r), r["prompt_index"], r["image"]))
+    manifest["renders"] = renders
+    prompts: dict[int, dict[str, Any]] = {}
+    checkpoints: dict[str, dict[str, Any]] = {}
+    for r in renders:
+        prompts.setdefault(r["prompt_index"], {"index": r["prompt_index"], "prompt": r["prompt"], "neg": r["neg"]})
+        label = r["checkpoint"] or "base"
+        checkpoints.setdefault(label, {"checkpoint": r["checkpoint"], "step": r["step"],
+                                       "sha256": r.get("checkpoint_sha256")})
+    manifest["prompts"] = [prompts[i] for i in sorted(prompts)]
+    manifest["checkpoints"] = sorted(checkpoints.values(), key=_step_key)
+
+
+def _step_key(entry: dict[str, Any]) -> tuple:
+    # The base model first, then by step, then checkpoints without a known step by name.
+    if entry.get("checkpoint") is None:
+        return (0, 0, "")
+    step = entry.get("step")
+    return (1, step, "") if step is not None else (2, 0, entry.get("checkpoint") or "")
+
+
+def write_render(target: OutputTarget, image: Image.Image, entry: dict[str, Any], *,
+                 aitk_sample: Path | None = None, grid: bool = True, page: bool = True) -> dict[str, Any]:
+    """Write one render and fold it into the manifest, grid and page. Returns the manifest entry."""
+    out_dir = Path(target.out_dir)
+    entry = dict(entry, image=target.image_name, rendered_at=datetime.now(timezone.utc).isoformat())
+    if aitk_sample is not None:
+        entry["aitk_sample"] = os.path.relpath(aitk_sample, out_dir)
+        entry["aitk_sample_diff"] = compare(image, aitk_sample)
+    atomic_write(out_dir / target.image_name, encode_image(image, target.format, entry))
+    with _locked(out_dir):
+        manifest = read_manifest(out_dir) or {"version": MANIFEST_VERSION, "renders": []}
+        manifest.update(title=target.title, source=target.source, job_dir=target.job_dir,
+                        model=entry.get("model"), updated_at=entry["rendered_at"])
+        manifest["renders"] = [r for r in manifest["renders"] if r["image"] != target.image_name] + [entry]
+        _summarise(manifest)
+        atomic_write(out_dir / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
+        if grid:
+            atomic_write(out_dir / GRID, render_grid(out_dir, manifest))
+        if page:
+            atomic_write(out_dir / PAGE, render_page(manifest).encode())
+    return entry
+
+
+def _font() -> ImageFont.ImageFont:
+    return ImageFont.load_default()
+
+
+def render_grid(out_dir: Path, manifest: dict[str, Any]) -> bytes:
+    """Contact sheet: one row per checkpoint (by step), one column per prompt, labelled."""
+    rows = manifest["checkpoints"]
+    cols = manifest["prompts"]
+    by_cell = {((r["checkpoint"] or "base"), r["prompt_index"]): r for r in manifest["renders"]}
+    label_w = 150
+    sheet = Image.new("RGB", (label_w + _CELL * len(cols), _LABEL_H + (_CELL + 4) * len(rows)), "white")
+    draw = ImageDraw.Draw(sheet)
+    font = _font()
+    for c, prompt in enumerate(cols):
+        text = f"#{prompt['index']}: {prompt['prompt']}"[:40]
+        draw.text((label_w + c * _CELL + 4, 3), text, fill="black", font=font)
+    for r, ckpt in enumerate(rows):
+        y = _LABEL_H + r * (_CELL + 4)
+        label = "base model" if ckpt["checkpoint"] is None else (
+            f"step {ckpt['step']}" if ckpt["step"] is not None else ckpt["checkpoint"])
+        draw.text((4, y + _CELL // 2 - 6), label, fill="black", font=font)
+        for c, prompt in enumerate(cols):
+            render = by_cell.get((ckpt["checkpoint"] or "base", prompt["index"]))
+            if render is None:
+                continue
+            try:
+                with Image.open(out_dir / render["image"]) as tile:
+                    tile = tile.convert("RGB")
+                    tile.thumbnail((_CELL, _CELL))
+                    sheet.paste(tile, (label_w + c * _CELL, y))
+            except OSError:
+                draw.text((label_w + c * _CELL + 4, y + 4), "(missing)", fill="red", font=font)
+    buffer = io.BytesIO()
+    sheet.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+_PAGE_CSS = """
+body{font:14px system-ui,sans-serif;margin:1.5em;background:#fafafa;color:#222}
+table{border-collapse:collapse}td,th{border:1px solid #ddd;padding:4px;vertical-align:top;background:#fff}
+th{font-weight:600;text-align:left;max-width:280px}img{max-width:256px;display:block}
+.pair{display:flex;gap:4px}.pair figure{margin:0}figcaption{font-size:11px;color:#666}
+.meta{font-size:11px;color:#666}#step{width:320px}
+"""
+
+_PAGE_JS = """
+const rows=[...document.querySelectorAll('tbody tr')];
+const slider=document.getElementById('step');const out=document.getElementById('stepLabel');
+function show(i){rows.forEach((r,j)=>r.style.display=(slider.dataset.all==='1'||j==i)?'':'none');
+out.textContent=rows[i]?rows[i].dataset.label:'';}
+if(slider){slider.max=Math.max(rows.length-1,0);slider.value=slider.max;slider.dataset.all='1';
+slider.oninput=()=>{slider.dataset.all='0';show(+slider.value)};
+document.getElementById('all').onclick=()=>{slider.dataset.all='1';show(+slider.value)};show(+slider.value);}
+"""
+
+
+def render_page(manifest: dict[str, Any]) -> str:
+    """A single HTML file (inline CSS/JS, images by relative path) to browse the renders."""
+    esc = html.escape
+    by_cell = {((r["checkpoint"] or "base"), r["prompt_index"]): r for r in manifest["renders"]}
+    head = "".join(f"<th>#{p['index']}<br>{esc(p['prompt'])}</th>" for p in manifest["prompts"])
+    body = []
+    for ckpt in manifest["checkpoints"]:
+        key = ckpt["checkpoint"] or "base"
+        label = "base model" if ckpt["checkpoint"] is None else (
+            f"step {ckpt['step']}" if ckpt["step"] is not None else ckpt["checkpoint"])
+        cells = []
+        for p in manifest["prompts"]:
+            r = by_cell.get((key, p["index"]))
+            if r is None:
+                cells.append("<td></td>")
+                continue
+            figures = [f"<figure><img src='{esc(r['image'])}' loading='lazy'><figcaption>previewd</figcaption></figure>"]
+            if r.get("aitk_sample"):
+                diff = r.get("aitk_sample_diff") or {}
+                note = diff.get("error") or f"mean |Δ| {diff.get('mean_abs_diff')}, PSNR {diff.get('psnr_db')} dB"
+                figures.append(f"<figure><img src='{esc(r['aitk_sample'])}' loading='lazy'>"
+                               f"<figcaption>ai-toolkit sample — {esc(str(note))}</figcaption></figure>")
+            meta = (f"seed {r['seed']} · {r['width']}×{r['height']} · {r['sample_steps']} steps · "
+                    f"cfg {r['guidance_scale']} · m {r['network_multiplier']} · {r['parity']}")
+            cells.append(f"<td><div class='pair'>{''.join(figures)}</div><div class='meta'>{esc(meta)}</div></td>")
+        body.append(f"<tr data-label='{esc(label)}'><th>{esc(label)}</th>{''.join(cells)}</tr>")
+    title = esc(str(manifest.get("title") or "previews"))
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{title} — previewd</title>"
+            f"<style>{_PAGE_CSS}</style></head><body><h1>{title}</h1>"
+            f"<p class='meta'>model {esc(str(manifest.get('model')))} · updated {esc(str(manifest.get('updated_at')))}"
+            f" · <a href='{MANIFEST}'>manifest.json</a> · <a href='{GRID}'>grid.png</a></p>"
+            f"<p><input type='range' id='step' min='0' value='0'> <span id='stepLabel'></span> "
+            f"<button id='all'>all steps</button></p>"
+            f"<table><thead><tr><th>checkpoint</th>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+            f"<script>{_PAGE_JS}</script></body></html>")

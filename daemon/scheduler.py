@@ -1,0 +1,220 @@
+"""Claims jobs, renders them through the hot pipeline, writes the outbox, records the outcome.
+
+The only module that knows both the queue and the pipelines. `Renderer` (one hot pipeline, no
+queue) is also what `previewd render` uses, so a one-off render takes the same code path.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable
+
+from previewd import outbox
+from previewd.config import Config
+from previewd.errors import PipelineError, RenderInterrupted
+from previewd.intake.aitoolkit import find_aitk_sample
+from previewd.queue.store import Job, JobStore
+from previewd.retry import RetryPolicy
+from previewd.spec import RenderResult
+from previewd.tasks import RenderTask
+
+log = logging.getLogger(__name__)
+
+_VERSIONED = ("previewd", "torch", "diffusers", "transformers", "peft", "optimum-quanto")
+
+
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for name in _VERSIONED:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+class Renderer:
+    """Keeps one pipeline loaded; swaps models only when a task needs another one."""
+
+    def __init__(self, config: Config, factory: Callable[..., Any] | None = None):
+        self._config = config
+        self._factory = factory
+        self._pipeline = None
+        self.model: str | None = None
+        self.lora_sha: str | None = None
+        self._versions = library_versions()
+
+    def _get(self, model_id: str):
+        if self.model == model_id and self._pipeline is not None:
+            return self._pipeline
+        self.close()
+        factory = self._factory
+        if factory is None:
+            from previewd import pipelines
+
+            factory = pipelines.create
+        pipeline = factory(model_id, self._config.model_source(model_id),
+                           device=self._config.device, dtype=self._config.dtype)
+        self._wait_for_memory(getattr(pipeline, "device", "cpu"))
+        started = time.monotonic()
+        pipeline.load()
+        log.info("loaded %s in %.1fs", model_id, time.monotonic() - started)
+        self._pipeline, self.model = pipeline, model_id
+        return pipeline
+
+    def _wait_for_memory(self, device: str) -> None:
+        """Training shares the GPU: wait until the configured amount of device memory is free."""
+        wanted = self._config.worker.min_free_vram_gb * 2**30
+        if wanted <= 0 or not str(device).startswith("cuda"):
+            return
+        from previewd.pipelines.device import free_bytes
+
+        while (free := free_bytes(device)) is not None and free < wanted:
+            log.info("waiting for %.1f GiB free on %s (%.1f GiB free)", wanted / 2**30, device, free / 2**30)
+            time.sleep(self._config.worker.idle_poll_seconds)
+
+    def render(self, task: RenderTask, *, on_step=None, should_stop=None) -> RenderResult:
+        pipeline = self._get(task.spec.model)
+        result = pipeline.render(task.spec, on_step=on_step, should_stop=should_stop)
+        self.lora_sha = task.spec.lora.sha256 if task.spec.lora else None
+        return result
+
+    def write(self, task: RenderTask, result: RenderResult, *, job_id: int | None = None) -> dict[str, Any]:
+        """Put the image and its record into the outbox."""
+        spec, target = task.spec, task.target
+        entry = {
+            "job_id": job_id,
+            "model": spec.model,
+            "checkpoint": target.checkpoint,
+            "checkpoint_sha256": spec.lora.sha256 if spec.lora else None,
+            "step": target.step,
+            "prompt_index": target.prompt_index,
+            "prompt": spec.prompt,
+            "neg": spec.neg,
+            "seed": result.seed,
+            "requested_seed": spec.seed,
+            "width": result.width,
+            "height": result.height,
+            "requested_width": spec.width,
+            "requested_height": spec.height,
+            "sample_steps": spec.sample_steps,
+            "guidance_scale": spec.guidance_scale,
+            "network_multiplier": spec.lora.network_multiplier if spec.lora else None,
+            "parity": spec.parity,
+            "control_images": [{"slot": c.slot, "sha256": c.sha256} for c in spec.control_images],
+            "record": result.record,
+            "timings": result.timings,
+            "versions": self._versions,
+            "source": target.source,
+        }
+        sample = None
+        if target.job_dir and target.step is not None:
+            sample = find_aitk_sample(Path(target.job_dir), target.step, target.prompt_index)
+        return outbox.write_render(target, result.image, entry, aitk_sample=sample,
+                                   grid=self._config.output.grid, page=self._config.output.html)
+
+    def close(self) -> None:
+        if self._pipeline is not None:
+            self._pipeline.unload()
+        self._pipeline, self.model, self.lora_sha = None, None, None
+
+
+class _Lease(threading.Thread):
+    """Renews the job's lease while it runs (model loads can take minutes, longer than a step)."""
+
+    def __init__(self, store: JobStore, job: Job, worker_id: str, lease_seconds: float, every: float):
+        super().__init__(name=f"previewd-lease-{job.id}", daemon=True)
+        self._store, self._job, self._worker = store, job, worker_id
+        self._lease, self._every = lease_seconds, every
+        self.progress: float | None = None
+        self.lost = threading.Event()
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.wait(self._every):
+            if not self._store.heartbeat(self._job.id, self._worker, lease_seconds=self._lease,
+                                         progress=self.progress):
+                self.lost.set()
+                return
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join(timeout=5)
+
+
+class Scheduler:
+    def __init__(self, store: JobStore, renderer: Renderer, config: Config, worker_id: str,
+                 *, on_progress: Callable[[], None] | None = None):
+        self._store = store
+        self._renderer = renderer
+        self._config = config
+        self._worker = worker_id
+        self._on_progress = on_progress or (lambda: None)
+        self._policy = RetryPolicy(max_attempts=config.worker.max_attempts,
+                                   base_delay=config.worker.retry_delay_seconds)
+        self.current: Job | None = None
+
+    def run_once(self, stop: threading.Event) -> bool:
+        """Claim and run one job. False when there was nothing to do."""
+        job = self._store.claim(self._worker, lease_seconds=self._config.worker.lease_seconds,
+                                prefer_model=self._renderer.model, prefer_affinity=self._renderer.lora_sha)
+        if job is None:
+            return False
+        self.current = job
+        lease = _Lease(self._store, job, self._worker, self._config.worker.lease_seconds,
+                       self._config.worker.heartbeat_seconds)
+        lease.start()
+        try:
+            self._run(job, lease, stop)
+        finally:
+            lease.stop()
+            self.current = None
+        return True
+
+    def _run(self, job: Job, lease: _Lease, stop: threading.Event) -> None:
+        try:
+            task = RenderTask.model_validate(job.payload)
+        except ValueError as exc:
+            self._store.fail(job.id, self._worker, f"unreadable job payload: {exc}", retry_at=None)
+            return
+
+        def on_step(done: int, total: int) -> None:
+            lease.progress = done / total if total else None
+            self._on_progress()
+
+        log.info("job %d: rendering %s prompt %d of %s (attempt %d)", job.id, task.spec.model,
+                 task.target.prompt_index, task.target.checkpoint or "base model", job.attempts)
+        try:
+            result = self._renderer.render(task, on_step=on_step,
+                                           should_stop=lambda: stop.is_set() or lease.lost.is_set())
+            entry = self._renderer.write(task, result, job_id=job.id)
+        except RenderInterrupted:
+            if lease.lost.is_set():
+                log.info("job %d: stopped, it was cancelled or taken over", job.id)
+            else:
+                self._store.release(job.id, self._worker, "shutdown")
+                log.info("job %d: interrupted by shutdown, returned to the queue", job.id)
+            return
+        except Exception as exc:  # noqa: BLE001 - every failure is recorded on the job
+            self._record_failure(job, exc)
+            return
+        self._store.finish(job.id, self._worker, {"image": str(Path(task.target.out_dir) / entry["image"]),
+                                                  "seed": result.seed})
+        log.info("job %d: done -> %s", job.id, Path(task.target.out_dir) / entry["image"])
+
+    def _record_failure(self, job: Job, exc: BaseException) -> None:
+        decision = self._policy.decide(job.attempts, exc)
+        message = f"{type(exc).__name__}: {exc}"
+        retry_at = None
+        if decision.retry:
+            retry_at = datetime.now(timezone.utc) + timedelta(seconds=decision.delay)
+        final = self._store.fail(job.id, self._worker, message, retry_at=retry_at)
+        if isinstance(exc, PipelineError) or final.state.value == "queued":
+            log.warning("job %d: %s (%s)", job.id, message, decision.reason)
+        else:
+            log.exception("job %d failed: %s", job.id, message, exc_info=exc)

@@ -1,0 +1,131 @@
+"""The daemon's lifecycle: startup, main loop, periodic chores, clean shutdown (uvicorn style).
+
+Signal handlers only set flags. The first SIGTERM/SIGINT asks the running render to stop after
+its current step and returns the job to the queue; a second one exits at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import uuid
+from types import FrameType
+
+from sqlalchemy.engine import make_url
+
+from previewd import snapshots
+from previewd.config import Config
+from previewd.dispatch import Dispatcher
+from previewd.inbox import InboxWatcher
+from previewd.notify import notify
+from previewd.queue.states import JobState
+from previewd.queue.store import JobStore
+from previewd.scheduler import Renderer, Scheduler
+
+log = logging.getLogger(__name__)
+
+_TICK_SECONDS = 1.0
+_SNAPSHOT_MIN_AGE = 600.0
+
+
+class Service:
+    def __init__(self, config: Config, *, exit_when_idle: bool = False, renderer: Renderer | None = None):
+        self.config = config
+        self.exit_when_idle = exit_when_idle
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.should_exit = threading.Event()
+        self.force_exit = False
+        self._store = JobStore(config.db_url)
+        self._renderer = renderer or Renderer(config)
+        self._dispatcher = Dispatcher(config, self._store)
+        self._watcher = InboxWatcher(config.watch_roots, self._dispatcher.handle, ignore=self._dispatcher.ignore,
+                                     settle_seconds=config.watch.settle_seconds,
+                                     rescan_seconds=config.watch.rescan_seconds, polling=config.watch.polling)
+        self._scheduler = Scheduler(self._store, self._renderer, config, self.worker_id,
+                                    on_progress=self._ping_watchdog)
+        self._last_tick = 0.0
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def run(self) -> int:
+        previous = {sig: signal.signal(sig, self._handle_exit) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            log.info("Started previewd process [%d] as worker %s", os.getpid(), self.worker_id)
+            self.startup()
+            self.main_loop()
+        finally:
+            self.shutdown()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            log.info("Finished previewd process [%d]", os.getpid())
+        return 0
+
+    def startup(self) -> None:
+        for folder in (self.config.state_dir, self.config.outbox_root, self.config.inbox):
+            folder.mkdir(parents=True, exist_ok=True)
+        self._store.create_schema()
+        self._store.register_worker(self.worker_id, socket.gethostname(), os.getpid())
+        for job in self._store.requeue_expired():
+            log.warning("job %d: its worker vanished; now %s", job.id, job.state.value)
+        self._watcher.start()
+        log.info("watching %s; database %s", ", ".join(map(str, self.config.watch_roots)),
+                 make_url(self.config.db_url).render_as_string(hide_password=True))
+        notify("READY=1", "STATUS=watching for checkpoints")
+
+    def main_loop(self) -> None:
+        while not self.should_exit.is_set():
+            self.on_tick()
+            if self._scheduler.run_once(self.should_exit):
+                continue
+            if self.exit_when_idle and self._idle():
+                log.info("queue empty and inbox settled: exiting (--exit-when-idle)")
+                return
+            self.should_exit.wait(self.config.worker.idle_poll_seconds)
+
+    def on_tick(self) -> None:
+        now = time.monotonic()
+        if now - self._last_tick < _TICK_SECONDS:
+            return
+        self._last_tick = now
+        self._ping_watchdog()
+        current = self._scheduler.current
+        self._store.worker_heartbeat(self.worker_id, current.id if current else None)
+        for job in self._store.requeue_expired():
+            log.warning("job %d: lease of worker %s expired; now %s", job.id, job.worker_id, job.state.value)
+        keep = {job.affinity for job in self._store.list_jobs(
+            states=[JobState.queued, JobState.running, JobState.failed]) if job.affinity}
+        snapshots.prune(self.config.snapshot_dir, keep, min_age_seconds=_SNAPSHOT_MIN_AGE, now=time.time())
+
+    def shutdown(self) -> None:
+        notify("STOPPING=1")
+        self._watcher.stop()
+        self._renderer.close()
+        self._store.unregister_worker(self.worker_id)
+        self._store.close()
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _idle(self) -> bool:
+        if not self._watcher.idle:
+            return False
+        counts = self._store.counts()
+        return not counts.get(JobState.queued, 0) and not counts.get(JobState.running, 0)
+
+    def _ping_watchdog(self) -> None:
+        counts = self._store.counts()
+        current = self._scheduler.current
+        status = (f"rendering job {current.id}; " if current else "idle; ") + \
+            f"{counts.get(JobState.queued, 0)} queued, {counts.get(JobState.done, 0)} done, " \
+            f"{counts.get(JobState.failed, 0)} failed"
+        notify("WATCHDOG=1", f"STATUS={status}")
+
+    def _handle_exit(self, signum: int, frame: FrameType | None) -> None:
+        if self.should_exit.is_set():
+            self.force_exit = True
+            os._exit(128 + signum)
+        self.should_exit.set()
+        sys.stderr.write(f"previewd: {signal.Signals(signum).name}: finishing the current step "
+                         "(send it again to quit at once)\n")

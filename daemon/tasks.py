@@ -1,0 +1,52 @@
+"""What one queued job carries: the render (a RenderSpec) and where its image goes."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from previewd.spec import RenderSpec, canonical_hash
+
+
+class OutputTarget(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    out_dir: str
+    """Folder that holds the images, manifest.json, grid.png and index.html."""
+    image_name: str
+    """File name of this render inside out_dir."""
+    title: str
+    """Training-run or request name, for the manifest and page."""
+    source: str
+    """The file the job came from (the run's config.yaml, or the request)."""
+    checkpoint: str | None = None
+    """Original file name of the LoRA checkpoint (None: base model)."""
+    step: int | None = None
+    prompt_index: int
+    format: Literal["png", "jpg"] = "png"
+    job_dir: str | None = None
+    """For training runs: the run folder, where ai-toolkit's own samples/ live."""
+
+
+class RenderTask(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    spec: RenderSpec
+    target: OutputTarget
+
+    def idempotency_key(self) -> str:
+        """Same checkpoint content + same render parameters + same destination = same job."""
+        return canonical_hash({"spec": self.spec.identity(), "out_dir": self.target.out_dir,
+                               "image": self.target.image_name})
+
+
+def image_name(step: int | None, checkpoint: str | None, prompt_index: int, fmt: str) -> str:
+    """`<step:09d>_<i>` like ai-toolkit's sample names; `base_<i>` without a LoRA."""
+    if checkpoint is None:
+        label = "base"
+    elif step is not None:
+        label = f"{step:09d}"
+    else:
+        label = checkpoint.rsplit(".", 1)[0]
+    return f"{label}_{prompt_index:02d}.{fmt}"

@@ -1,0 +1,141 @@
+"""The foundation scenario: a real `previewd run` process, a training run written like ai-toolkit
+writes it, a request and a broken request in the inbox.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from previewd.instance import EXAMPLE_RUN, render_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen(tmp_path_factory) -> Path:
+    from previewd.pipelines.tiny_models import build_all
+
+    return build_all(tmp_path_factory.mktemp("models"), ["qwen_image_2512"])["qwen_image_2512"]
+
+
+def _start(config: Path, log: Path, *extra: str) -> subprocess.Popen:
+    handle = open(log, "ab")
+    return subprocess.Popen([sys.executable, "-m", "previewd", "run", "-c", str(config), *extra],
+                            stdout=handle, stderr=subprocess.STDOUT)
+
+
+def _write_slowly(path: Path, data: bytes, *, chunks: int = 6, pause: float = 0.3,
+                  long_pause_after: int = 2, long_pause: float = 2.5) -> None:
+    """Write in place in chunks like safetensors' streaming writer, with one stall longer than
+    the settle window, so only the header/size check can tell the file is incomplete."""
+    size = len(data)
+    with open(path, "wb") as handle:
+        for i in range(chunks):
+            handle.write(data[i * size // chunks:(i + 1) * size // chunks])
+            handle.flush()
+            time.sleep(long_pause if i == long_pause_after else pause)
+
+
+def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"daemon exited ({proc.returncode}) before {what}:\n{log.read_text()[-4000:]}")
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}:\n{log.read_text()[-4000:]}")
+
+
+def test_daemon_renders_run_and_request_once(tmp_path: Path, tiny_qwen: Path) -> None:
+    from previewd.pipelines.tiny_models import write_random_lora
+
+    config = tmp_path / "config.yaml"
+    config.write_text(render_config(tiny_models_dir=str(tiny_qwen.parent), settle_seconds=1,
+                                    idle_poll_seconds=0.2))
+    inbox, log = tmp_path / "inbox", tmp_path / "daemon.log"
+    inbox.mkdir()
+    checkpoints = {}
+    for step, seed in ((250, 1), (500, 2)):
+        staged = write_random_lora(tiny_qwen, tmp_path / "staging" / f"c{step}.safetensors", seed=seed, step=step)
+        checkpoints[step] = staged.read_bytes()
+
+    proc = _start(config, log)
+    try:
+        run = inbox / "example_lora"
+        run.mkdir()
+        (run / "config.yaml").write_text(EXAMPLE_RUN.format(training_folder=inbox))
+        for step in (250, 500):
+            _write_slowly(run / f"example_lora_{step:09d}.safetensors", checkpoints[step])
+        (inbox / "good.yaml").write_text(
+            "model: qwen_image_2512\ntrigger_word: zx9\n"
+            "prompts:\n  - prompt: '[trigger] a lighthouse'\n    width: 64\n    height: 64\n"
+            "    sample_steps: 3\n    seed: 5\n"
+            "loras:\n  - path: example_lora/example_lora_000000250.safetensors\n    network_multiplier: 0.5\n")
+        (inbox / "bad.yaml").write_text(
+            "model: qwen_image_2512\nprompts:\n  - prompt: 'x'\n    width: 12\n    colour: red\nloras: []\n")
+
+        previews = run / "previews"
+        request_out = tmp_path / "outbox" / "good"
+        _wait_for(lambda: len(list(previews.glob("*.png"))) == 4 and len(list(request_out.glob("*.png"))) == 1
+                  and (inbox / "bad.yaml.error.txt").exists(), 240, "4 + 1 previews", proc, log)
+        _wait_for(lambda: _all_done(config), 60, "the queue to drain", proc, log)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, log.read_text()[-4000:]
+
+    manifest = json.loads((previews / "manifest.json").read_text())
+    seen = sorted((r["step"], r["prompt_index"]) for r in manifest["renders"])
+    assert seen == [(250, 0), (250, 1), (500, 0), (500, 1)]
+    for render in manifest["renders"]:
+        assert (previews / render["image"]).is_file()
+        assert render["prompt"].startswith("p3r5on ")  # trigger injected, flags parsed out
+        assert (render["width"], render["height"]) == (64, 64)
+        assert render["model"] == "qwen_image_2512" and render["parity"] == "aitk"
+    by_prompt = {r["prompt_index"]: r for r in manifest["renders"] if r["step"] == 250}
+    assert by_prompt[1]["seed"] == 7 and by_prompt[0]["seed"] == 42  # --seed flag; walk_seed base
+    assert (previews / "grid.png").is_file() and (previews / "index.html").is_file()
+
+    request_manifest = json.loads((request_out / "manifest.json").read_text())
+    [render] = request_manifest["renders"]
+    assert render["prompt"] == "zx9 a lighthouse" and render["network_multiplier"] == 0.5
+
+    error = (inbox / "bad.yaml.error.txt").read_text()
+    assert "prompts.0.width" in error and "colour" in error
+
+    before = {p.name: p.stat().st_mtime_ns for p in previews.glob("*.png")}
+    restarted = _start(config, log, "--exit-when-idle")
+    assert restarted.wait(timeout=120) == 0, log.read_text()[-4000:]
+    after = {p.name: p.stat().st_mtime_ns for p in previews.glob("*.png")}
+    assert after == before, "a restart rendered something again"
+    assert len(json.loads((previews / "manifest.json").read_text())["renders"]) == 4
+
+
+def _all_done(config: Path) -> bool:
+    out = subprocess.run([sys.executable, "-m", "previewd", "status", "-c", str(config), "--json"],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        return False
+    counts = json.loads(out.stdout)["counts"]
+    return counts.get("queued", 0) == 0 and counts.get("running", 0) == 0
+
+
+def test_readme_demo_renders_example(tmp_path: Path) -> None:
+    """The README's first command: init a CPU demo, run until idle, previews appear."""
+    env = dict(os.environ)
+    demo = tmp_path / "demo"
+    subprocess.run([sys.executable, "-m", "previewd", "init", str(demo), "--tiny", "--example"],
+                   check=True, env=env, capture_output=True)
+    done = subprocess.run([sys.executable, "-m", "previewd", "run", "-c", str(demo / "config.yaml"),
+                           "--exit-when-idle"], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert len(list((demo / "inbox" / "example_lora" / "previews").glob("*.png"))) == 4
+    assert len(list((demo / "outbox" / "example_request").glob("*.png"))) == 1
