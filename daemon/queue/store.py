@@ -256,7 +256,7 @@ class JobStore:
         """Number of jobs per state; every state is present."""
         query = sa.select(jobs.c.state, sa.func.count()).group_by(jobs.c.state)
         with self._engine.connect() as conn:
-            found = dict(conn.execute(query).tuples().all())
+            found = dict(conn.execute(query).all())
         return {state: found.get(state, 0) for state in JobState}
 
     def events(self, job_id: int) -> list[JobEvent]:
