@@ -433,9 +433,13 @@ def checkpoint_step(job: AitkJob, path: Path, header_metadata: dict[str, Any] | 
     return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
-def find_aitk_sample(job: AitkJob, step: int, index: int) -> Path | None:
-    """ai-toolkit's own sample `samples/<ms>__<step:09d>_<index>.<ext>`, newest set first."""
-    folder = job.job_dir / "samples"
+def find_aitk_sample(job_dir: Path, step: int, index: int) -> Path | None:
+    """ai-toolkit's own sample `<job_dir>/samples/<ms>__<step:09d>_<index>.<ext>`, newest set first.
+
+    Takes the run folder, not an AitkJob: samples appear after the checkpoint, so they are
+    looked up when the render is written, from the job's recorded folder.
+    """
+    folder = Path(job_dir) / "samples"
     best: tuple[int, Path] | None = None
     try:
         names = [p for p in folder.iterdir() if p.is_file()]

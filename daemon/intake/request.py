@@ -76,7 +76,8 @@ class AitkIn(_Strict):
 
 class OutputIn(_Strict):
     dir: str | None = None
-    format: Literal["png", "jpg"] = "png"
+    format: Literal["png", "jpg"] | None = None
+    """None: the configured default format."""
 
 
 class RequestIn(_Strict):
@@ -97,7 +98,8 @@ class RequestPlan:
     renders: list[tuple[int, RenderSpec]]
     """(prompt index, spec); specs without a LoRA render the base model."""
     output_dir: Path | None
-    output_format: Literal["png", "jpg"]
+    output_format: Literal["png", "jpg"] | None
+    """None when the request does not say (the caller's configured default applies)."""
     parity: Parity
     warnings: list[str] = field(default_factory=list)
 
@@ -201,6 +203,7 @@ def read_request(path: Path, *, allowed_roots: list[Path], default_parity: Parit
         if flag_ctrl is not None:
             sources["ctrl_img"] = flag_ctrl
         controls = []
+        failed = False
         for slot, src in sources.items():
             if src is None:
                 continue
@@ -214,8 +217,12 @@ def read_request(path: Path, *, allowed_roots: list[Path], default_parity: Parit
             got = resolved[src]
             if isinstance(got, str):
                 problems.append(f"{where}.{slot}: {got}")
+                failed = True
             else:
                 controls.append(got.model_copy(update={"slot": slot}))
+        if failed:
+            # validate_spec would only repeat "requires a control image" for the one that failed.
+            continue
         multiplier = settings.pop("network_multiplier")
         spec_lora = None
         if lora is not None:

@@ -283,9 +283,9 @@ def test_find_aitk_sample(tmp_path):
         (samples / name).write_bytes(b"x")
     (samples / ".tmp" / "1800000000000__000000250_0.jpg").write_bytes(b"x")
     (samples / ".thumbs" / "1800000000000__000000250_0.jpg").write_bytes(b"x")
-    assert find_aitk_sample(job, 250, 0) == samples / "1724085499999__000000250_0.jpg"
-    assert find_aitk_sample(job, 250, 1).name == "1724085406830__000000250_1.jpg"
-    assert find_aitk_sample(job, 750, 0) is None
+    assert find_aitk_sample(job.job_dir, 250, 0) == samples / "1724085499999__000000250_0.jpg"
+    assert find_aitk_sample(job.job_dir, 250, 1).name == "1724085406830__000000250_1.jpg"
+    assert find_aitk_sample(job.job_dir, 750, 0) is None
 
 
 def test_not_a_job_config(tmp_path):

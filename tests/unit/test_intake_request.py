@@ -1,0 +1,169 @@
+import base64
+import io
+import json
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+from safetensors.numpy import save_file
+
+from previewd.errors import IntakeError
+from previewd.intake.images import ControlImageStore
+from previewd.intake.request import read_request
+
+
+@pytest.fixture
+def inbox(tmp_path):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    save_file({"w": np.zeros((2, 2), np.float16)}, str(inbox / "ck.safetensors"))
+    return inbox
+
+
+@pytest.fixture
+def store(tmp_path, inbox):
+    return ControlImageStore(tmp_path / "store", allowed_roots=[inbox])
+
+
+def drop(inbox, body, name="req.yaml"):
+    path = inbox / name
+    path.write_text(json.dumps(body) if name.endswith(".json") else yaml.safe_dump(body))
+    return path
+
+
+def read(inbox, store, body, name="req.yaml", **kw):
+    return read_request(drop(inbox, body, name), allowed_roots=[inbox], resolve_image=store.resolve, **kw)
+
+
+def problems(inbox, store, body, **kw):
+    with pytest.raises(IntakeError) as err:
+        read(inbox, store, body, **kw)
+    assert err.value.kind == "request"
+    return err.value.problems
+
+
+SEED_EXAMPLE = {  # the seeds' minimal request, LoRA path made local
+    "model": "qwen_image_2512", "trigger_word": "sks",
+    "prompts": [{"prompt": "[trigger] a photo of a person", "width": 1024, "height": 1024, "seed": 42,
+                 "sample_steps": 25, "guidance_scale": 4.0, "neg": ""}],
+    "loras": [{"path": "ck.safetensors", "network_multiplier": 1.0}],
+}
+
+
+def test_seed_example_json(inbox, store):
+    plan = read(inbox, store, SEED_EXAMPLE, name="job-7.json")
+    assert plan.name == "job-7" and plan.parity == "aitk" and plan.output_format is None
+    (i, spec), = plan.renders
+    assert i == 0 and spec.prompt == "sks a photo of a person" and spec.model == "qwen_image_2512"
+    assert spec.lora.path == str(inbox / "ck.safetensors") and spec.lora.network_multiplier == 1.0
+
+
+def test_defaults_and_seed_per_profile(inbox, store):
+    body = {"model": "flux2", "prompts": [{"prompt": "a"}, {"prompt": "b"}, {"prompt": "c", "seed": 5}]}
+    aitk = read(inbox, store, body)
+    spec = aitk.renders[0][1]
+    assert (spec.width, spec.height, spec.sample_steps, spec.guidance_scale, spec.neg, spec.lora) == \
+        (1024, 1024, 25, 4.0, "", None)  # no LoRA: base model render
+    assert [s.seed for _, s in aitk.renders] == [42, 42, 5]
+    ref = read(inbox, store, {**body, "parity": "reference"})
+    assert ref.parity == "reference" and [s.seed for _, s in ref.renders] == [42, 43, 5]
+    walk = read(inbox, store, {**body, "aitk": {"walk_seed": False}, "prompts": [
+        {"prompt": "a", "seed": 7}, {"prompt": "b"}]})
+    assert [s.seed for _, s in walk.renders] == [7, 7]  # ai-toolkit carry-over
+    assert read(inbox, store, body, default_parity="reference").parity == "reference"
+
+
+def test_trigger_per_prompt_and_no_flag_parsing_by_default(inbox, store):
+    plan = read(inbox, store, {"model": "flux2", "trigger_word": "sks", "prompts": [
+        {"prompt": " [trigger] x --w 512 ", "trigger_word": "zz"}, {"prompt": "[trigger] [name]"}]})
+    assert plan.renders[0][1].prompt == " zz x --w 512 " and plan.renders[0][1].width == 1024
+    assert plan.renders[1][1].prompt == "sks [name]"
+
+
+def test_flag_parsing_opt_in(inbox, store):
+    plan = read(inbox, store, {"model": "qwen_image", "aitk": {"parse_prompt_flags": True, "do_cfg_norm": True},
+                               "loras": [{"path": "ck.safetensors", "network_multiplier": 0.5}],
+                               "prompts": [{"prompt": " x --w 1030 --seed 3 --m 0.25 --n bad ", "seed": 9},
+                                           {"prompt": "y"}]})
+    a, b = (s for _, s in plan.renders)
+    assert (a.prompt, a.width, a.seed, a.neg, a.lora.network_multiplier) == ("x", 1024, 3, "bad", 0.25)
+    assert b.lora.network_multiplier == 0.5 and a.aitk.do_cfg_norm
+
+
+def test_schema_errors_name_every_field(inbox, store):
+    got = problems(inbox, store, {"model": "qwen_image_2512", "prompts": [
+        {"prompt": "a"}, {"prompt": "b", "width": 12, "sample_step": 3, "seed": -2}],
+        "loras": [{"path": "ck.safetensors", "network_multiplier": 3, "transformer": "low"}],
+        "output": {"format": "gif"}, "extra": 1})
+    assert "prompts.1.width: Input should be greater than or equal to 64 (got 12)" in got
+    assert "prompts.1.sample_step: unknown field (extra_forbidden); did you mean 'sample_steps'?" in got
+    assert "prompts.1.seed: Input should be greater than or equal to -1 (got -2)" in got
+    assert "loras.0.network_multiplier: Input should be less than or equal to 2 (got 3)" in got
+    assert any(p.startswith("loras.0.transformer: Value error, MoE") for p in got)
+    assert any(p.startswith("output.format: Input should be 'png' or 'jpg' (got 'gif')") for p in got)
+    assert "extra: unknown field (extra_forbidden)" in got
+
+
+def test_model_and_lora_count(inbox, store):
+    got = problems(inbox, store, {"model": "sdxl", "prompts": [],
+                                  "loras": [{"path": "ck.safetensors"}, {"path": "ck.safetensors"}]})
+    assert got[0].startswith("model: unknown model id (known: qwen_image, ")
+    assert any(p.startswith("prompts: List should have at least 1 item") for p in got)
+    assert "loras: only one LoRA per request (reference server SINGLE_LORA_ONLY)" in got
+
+
+def test_yaml_syntax_and_top_level(inbox, store):
+    path = inbox / "bad.yaml"
+    path.write_text("model: [x\n")
+    with pytest.raises(IntakeError, match="syntax"):
+        read_request(path, allowed_roots=[inbox], resolve_image=store.resolve)
+    path.write_text("- 1\n")
+    with pytest.raises(IntakeError, match="expected a mapping"):
+        read_request(path, allowed_roots=[inbox], resolve_image=store.resolve)
+
+
+@pytest.mark.parametrize("lora_path,message", [
+    ("missing.safetensors", "file not found"),
+    ("model.ckpt", "pickled checkpoint"),
+    ("weights.bin", "pickled checkpoint"),
+    ("notes.txt", "not a .safetensors file"),
+    ("../elsewhere/ck.safetensors", "outside the allowed roots"),
+    ("https://example.com/x.safetensors", "URLs are not downloaded"),
+])
+def test_lora_path_checks(inbox, store, tmp_path, lora_path, message):
+    (tmp_path / "elsewhere").mkdir()
+    save_file({"w": np.zeros(1, np.float16)}, str(tmp_path / "elsewhere" / "ck.safetensors"))
+    (inbox / "model.ckpt").write_bytes(b"\x80\x04")
+    got = problems(inbox, store, {"model": "flux2", "prompts": [{"prompt": "a"}], "loras": [{"path": lora_path}]})
+    assert len(got) == 1 and got[0].startswith("loras.0.path: ") and message in got[0]
+
+
+def test_output_dir_confined(inbox, store, tmp_path):
+    plan = read(inbox, store, {"model": "flux2", "prompts": [{"prompt": "a"}], "output": {"dir": "out", "format": "jpg"}})
+    assert plan.output_dir == inbox / "out" and plan.output_format == "jpg"
+    got = problems(inbox, store, {"model": "flux2", "prompts": [{"prompt": "a"}], "output": {"dir": str(tmp_path)}})
+    assert got[0].startswith("output.dir: ") and "allowed_roots" in got[0]
+
+
+def png_b64():
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), "green").save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_control_images_and_model_rules(inbox, store):
+    Image.new("RGB", (8, 8)).save(inbox / "c.png")
+    plan = read(inbox, store, {"model": "qwen_image_edit_plus", "prompts": [
+        {"prompt": "a", "ctrl_img_1": "c.png", "ctrl_img_2": f"data:image/png;base64,{png_b64()}"}]})
+    spec = plan.renders[0][1]
+    assert [c.slot for c in spec.control_images] == ["ctrl_img_1", "ctrl_img_2"]
+    assert all(c.sha256 for c in spec.control_images)
+
+    got = problems(inbox, store, {"model": "qwen_image_edit", "prompts": [
+        {"prompt": "a"}, {"prompt": "b", "ctrl_img": "nope.png"}, {"prompt": "c", "ctrl_img": "/etc/hostname"}]})
+    assert got[0] == "prompts.0.ctrl_img: qwen_image_edit requires a control image in `ctrl_img`"
+    assert got[1].startswith("prompts.1.ctrl_img: file not found: ")
+    assert got[2].startswith("prompts.2.ctrl_img: /etc/hostname is outside the allowed roots")
+    got = problems(inbox, store, {"model": "qwen_image_2512", "prompts": [{"prompt": "a", "ctrl_img": "c.png"}]})
+    assert got == ["prompts.0.ctrl_img: qwen_image_2512 takes no control image (got ctrl_img)"]
