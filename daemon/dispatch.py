@@ -12,6 +12,7 @@ line; nothing here stops the daemon.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from previewd.config import Config
 from previewd.errors import IntakeError, PreviewdError
 from previewd.intake import aitoolkit, request as requests
 from previewd.intake.images import ControlImageStore
-from previewd.intake.safetensors_header import is_complete
+from previewd.intake.safetensors_header import SafetensorsHeaderError, is_complete, read_header
 from previewd.queue.store import JobStore
 from previewd.spec import LoraSpec, RenderSpec
 from previewd.tasks import OutputTarget, RenderTask, image_name
@@ -54,6 +55,7 @@ class Dispatcher:
         self._store = store
         self._roots = config.confinement_roots
         self._images = ControlImageStore(config.asset_dir, allowed_roots=self._roots)
+        self._trusted_images = ControlImageStore(config.asset_dir, allowed_roots=[], trusted=True)
         self._reported: set[tuple[Path, str]] = set()
 
     # -- what the watcher should not even look at ---------------------------------------
@@ -128,8 +130,6 @@ class Dispatcher:
 
     def _queue_checkpoint(self, job: aitoolkit.AitkJob, path: Path) -> IntakeOutcome:
         snap, digest = snapshots.snapshot(path, self._config.snapshot_dir)
-        from previewd.intake.safetensors_header import read_header
-
         _header, metadata = read_header(snap)
         step = aitoolkit.checkpoint_step(job, path, metadata)
         renders = aitoolkit.specs_for_checkpoint(job, str(snap), parity=self._config.parity,
@@ -147,9 +147,9 @@ class Dispatcher:
     # -- requests ---------------------------------------------------------------------------
     def plan_request(self, path: Path, *, trusted: bool = False, out_dir: Path | None = None) -> list[RenderTask]:
         """Read a request into tasks (LoRA snapshotted). `trusted`: the user named it on the command line."""
-        plan = requests.read_request(path, allowed_roots=None if trusted else self._roots,
-                                     default_parity=self._config.parity, resolve_image=(
-                                         self._images.trusted_resolve if trusted else self._images.resolve))
+        plan = requests.read_request(path, allowed_roots=[Path("/")] if trusted else self._roots,
+                                     default_parity=self._config.parity,
+                                     resolve_image=(self._trusted_images if trusted else self._images).resolve)
         target_dir = out_dir or plan.output_dir or (self._config.outbox_root / plan.name)
         fmt = plan.output_format or self._config.output.format
         tasks = []
@@ -158,7 +158,7 @@ class Dispatcher:
             if spec.lora is not None:
                 snap, digest = snapshots.snapshot(Path(spec.lora.path), self._config.snapshot_dir)
                 checkpoint = Path(spec.lora.path).name
-                step = aitoolkit.step_from_name(checkpoint)
+                step = _lora_step(snap)
                 spec = spec.model_copy(update={"lora": LoraSpec(path=str(snap), sha256=digest,
                                                                 network_multiplier=spec.lora.network_multiplier)})
             tasks.append(RenderTask(spec=spec, target=OutputTarget(
@@ -205,6 +205,16 @@ class Dispatcher:
         if (path, message) not in self._reported:
             self._reported.add((path, message))
             log.info("%s: %s", path, message)
+
+
+def _lora_step(path: Path) -> int | None:
+    """The training step ai-toolkit wrote into a LoRA's header, if any (requests name any file)."""
+    try:
+        _header, metadata = read_header(path)
+        step = json.loads(metadata.get("training_info") or "{}").get("step")
+    except (SafetensorsHeaderError, ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
 def _with_snapshot(spec: RenderSpec, digest: str) -> RenderSpec:

@@ -97,7 +97,7 @@ class Service:
         for job in self._store.requeue_expired():
             log.warning("job %d: lease of worker %s expired; now %s", job.id, job.worker_id, job.state.value)
         keep = {job.affinity for job in self._store.list_jobs(
-            states=[JobState.queued, JobState.running, JobState.failed]) if job.affinity}
+            states=[JobState.QUEUED, JobState.RUNNING, JobState.FAILED]) if job.affinity}
         snapshots.prune(self.config.snapshot_dir, keep, min_age_seconds=_SNAPSHOT_MIN_AGE, now=time.time())
 
     def shutdown(self) -> None:
@@ -112,14 +112,14 @@ class Service:
         if not self._watcher.idle:
             return False
         counts = self._store.counts()
-        return not counts.get(JobState.queued, 0) and not counts.get(JobState.running, 0)
+        return not counts.get(JobState.QUEUED, 0) and not counts.get(JobState.RUNNING, 0)
 
     def _ping_watchdog(self) -> None:
         counts = self._store.counts()
         current = self._scheduler.current
         status = (f"rendering job {current.id}; " if current else "idle; ") + \
-            f"{counts.get(JobState.queued, 0)} queued, {counts.get(JobState.done, 0)} done, " \
-            f"{counts.get(JobState.failed, 0)} failed"
+            f"{counts.get(JobState.QUEUED, 0)} queued, {counts.get(JobState.DONE, 0)} done, " \
+            f"{counts.get(JobState.FAILED, 0)} failed"
         notify("WATCHDOG=1", f"STATUS={status}")
 
     def _handle_exit(self, signum: int, frame: FrameType | None) -> None:
