@@ -1,0 +1,83 @@
+"""Shared fixtures and helpers for the FLUX.2 adapter tests: the tiny model, LoRAs, golden cases."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from previewd.spec import ControlImage, LoraSpec, ModelSource, RenderSpec
+
+GOLDENS = Path(__file__).resolve().parents[3] / "shared" / "goldens"
+if not GOLDENS.is_dir():
+    GOLDENS = Path("/work/shared/goldens")
+PROFILE_DIR = {"aitk": "aitk", "reference": "ref"}
+PROMPT = "a photo of a red fox sitting in fresh snow, golden hour"
+
+
+@pytest.fixture(scope="session")
+def tiny_flux2(tmp_path_factory) -> Path:
+    from previewd.pipelines import tiny_flux2
+
+    folder = tmp_path_factory.mktemp("tiny_flux2")
+    tiny_flux2.build("flux2", folder / "model")
+    tiny_flux2.write_bfl_lora(folder / "lora_a.safetensors", seed=1, step=250)
+    tiny_flux2.write_bfl_lora(folder / "lora_b.safetensors", seed=2, step=500)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe(tiny_flux2):
+    from previewd.pipelines import create
+
+    torch.set_num_threads(2)
+    pipe = create("flux2", ModelSource(path=str(tiny_flux2 / "model")), device="cpu", dtype="float32")
+    pipe.load()
+    yield pipe
+    pipe.unload()
+
+
+def spec(**changes) -> RenderSpec:
+    base = {"model": "flux2", "prompt": PROMPT, "width": 64, "height": 64, "sample_steps": 2}
+    return RenderSpec(**{**base, **changes})
+
+
+def pixels(result) -> np.ndarray:
+    return np.asarray(result.image).astype(np.int16)
+
+
+def golden_cases() -> list[tuple[str, str]]:
+    """(profile, case_id) for every stored FLUX.2 case."""
+    found = []
+    for profile, folder in PROFILE_DIR.items():
+        root = GOLDENS / "cases" / folder / "flux2"
+        if root.is_dir():
+            found += [(profile, d.name) for d in sorted(root.iterdir()) if (d / "request.json").is_file()]
+    return found
+
+
+def case_dir(profile: str, case_id: str) -> Path:
+    return GOLDENS / "cases" / PROFILE_DIR[profile] / "flux2" / case_id
+
+
+def case_specs(profile: str, case_id: str) -> tuple[str, list[RenderSpec]]:
+    """(dtype, specs): the renders a case asks for, in order (switch sequences give two)."""
+    request = json.loads((case_dir(profile, case_id) / "request.json").read_text())
+    controls = tuple(ControlImage(slot=slot, path=str(GOLDENS / item["file"]))
+                     for slot, item in request["control_images"].items())
+
+    def one(lora_file, multiplier):
+        lora = None if lora_file is None else LoraSpec(path=str(GOLDENS / lora_file), network_multiplier=multiplier)
+        return RenderSpec(model="flux2", parity=profile, prompt=request["prompt"], neg=request["neg"],
+                          width=request["width"], height=request["height"], seed=request["seed"],
+                          sample_steps=request["steps"], guidance_scale=request["guidance"], lora=lora,
+                          control_images=controls)
+
+    if "switch" in request:
+        steps = [request["switch"]["first"], request["switch"]["then"]]
+        return request["dtype"], [one(s["lora"], s["scale"]) for s in steps]
+    lora = request["lora"]
+    return request["dtype"], [one(lora and lora["file"], lora["multiplier"] if lora else 1.0)]

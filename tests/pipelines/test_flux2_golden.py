@@ -1,0 +1,52 @@
+"""previewd's flux2 renders against ai-toolkit's and the reference server's own renders.
+
+Every FLUX.2 case in ../shared/goldens must match output.png within 2/255 per channel on every
+pixel; switch sequences (sNN_) run both renders on one cached pipeline.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from flux2_helpers import GOLDENS, case_dir, case_specs, golden_cases, pixels
+from previewd.pipelines import create
+from previewd.spec import ModelSource
+
+pytestmark = [pytest.mark.golden, pytest.mark.slow,
+              pytest.mark.skipif(not golden_cases(), reason="shared goldens not present")]
+TOLERANCE = 2
+
+_pipes: dict[str, object] = {}
+
+
+@pytest.fixture(scope="module")
+def pipes():
+    torch.set_num_threads(2)
+    yield _pipes
+    for pipe in _pipes.values():
+        pipe.unload()
+    _pipes.clear()
+
+
+def pipe_for(pipes, dtype: str):
+    if dtype not in pipes:
+        pipes[dtype] = create("flux2", ModelSource(path=str(GOLDENS / "models" / "flux2")), device="cpu",
+                              dtype=dtype)
+    return pipes[dtype]
+
+
+@pytest.mark.parametrize(("profile", "case_id"), golden_cases(), ids=lambda v: v)
+def test_matches_golden(pipes, profile, case_id):
+    dtype, specs = case_specs(profile, case_id)
+    pipe = pipe_for(pipes, dtype)
+    for spec in specs:
+        result = pipe.render(spec)
+    expected = np.asarray(Image.open(case_dir(profile, case_id) / "output.png").convert("RGB")).astype(np.int16)
+    got = pixels(result)
+    assert got.shape == expected.shape
+    assert result.record["parity"] == profile
+    diff = int(np.abs(got - expected).max())
+    assert diff <= TOLERANCE, f"{profile}/{case_id}: max difference {diff}/255"

@@ -1,0 +1,80 @@
+"""The flux2 adapter end to end on the tiny model: determinism, LoRA, record, stop, references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from flux2_helpers import pixels, spec, tiny_flux2, tiny_pipe  # noqa: F401  (fixtures)
+from previewd.errors import RenderInterrupted
+from previewd.pipelines import create
+from previewd.spec import ControlImage, LoraSpec, ModelSource
+
+pytestmark = pytest.mark.slow
+
+
+def lora(folder, name="lora_a", multiplier=1.0):
+    return LoraSpec(path=str(folder / f"{name}.safetensors"), network_multiplier=multiplier)
+
+
+def test_deterministic_and_seed_sensitive(tiny_pipe):
+    first, second = tiny_pipe.render(spec()), tiny_pipe.render(spec())
+    assert np.array_equal(pixels(first), pixels(second))
+    assert first.seed == 42 and first.image.size == (64, 64)
+    assert np.abs(pixels(first) - pixels(tiny_pipe.render(spec(seed=7)))).max() > 20
+
+
+def test_lora_changes_pixels_and_multiplier_zero_is_base(tiny_pipe, tiny_flux2):
+    base = pixels(tiny_pipe.render(spec()))
+    with_lora = tiny_pipe.render(spec(lora=lora(tiny_flux2)))
+    assert np.abs(pixels(with_lora) - base).max() > 20
+    assert with_lora.record["network_multiplier"] == 1.0
+    assert np.array_equal(pixels(tiny_pipe.render(spec(lora=lora(tiny_flux2, multiplier=0.0)))), base)
+    other = pixels(tiny_pipe.render(spec(lora=lora(tiny_flux2, "lora_b"))))
+    assert np.abs(other - pixels(with_lora)).max() > 20
+    assert np.array_equal(pixels(tiny_pipe.render(spec())), base)
+
+
+def test_record_size_seed_and_unused_negative(tiny_pipe):
+    result = tiny_pipe.render(spec(width=100, height=72, seed=-1, neg="blurry"))
+    assert (result.width, result.height) == (96, 64) and result.image.size == (96, 64)
+    assert result.record["requested_size"] == [100, 72] and result.record["effective_size"] == [96, 64]
+    assert "unused" in result.record["neg"]
+    assert 0 <= result.seed < 2 ** 31
+    again = tiny_pipe.render(spec(width=96, height=64, seed=result.seed, neg="anything else"))
+    assert np.array_equal(pixels(again), pixels(result))
+
+
+def test_progress_and_stop(tiny_pipe):
+    steps = []
+    tiny_pipe.render(spec(sample_steps=3), on_step=lambda done, total: steps.append((done, total)))
+    assert steps == [(1, 3), (2, 3), (3, 3)]
+    with pytest.raises(RenderInterrupted):
+        tiny_pipe.render(spec(sample_steps=3), should_stop=lambda: len(steps) >= 4,
+                         on_step=lambda done, total: steps.append(done))
+    assert len(steps) == 4
+
+
+def test_reference_image_conditions_the_render(tiny_pipe, tmp_path):
+    gradient = np.linspace(0, 255, 64 * 64 * 3).reshape(64, 64, 3).astype("uint8")
+    path = tmp_path / "ref.png"
+    Image.fromarray(gradient).save(path)
+    base = pixels(tiny_pipe.render(spec()))
+    result = tiny_pipe.render(spec(control_images=(ControlImage(slot="ctrl_img_1", path=str(path)),)))
+    assert result.record["reference_images"] == 1
+    assert np.abs(pixels(result) - base).max() > 0
+
+
+def test_separate_text_encoder_source_and_qfloat8(tiny_flux2):
+    model = str(tiny_flux2 / "model")
+    plain = create("flux2", ModelSource(path=model), device="cpu", dtype="float32")
+    split = create("flux2", ModelSource(path=model, text_encoder=model), device="cpu", dtype="float32")
+    assert np.array_equal(pixels(plain.render(spec())), pixels(split.render(spec())))
+    quantized = create("flux2", ModelSource(path=model, quantize_text_encoder="qfloat8"), device="cpu",
+                       dtype="float32")
+    result = quantized.render(spec())
+    assert result.record["text_encoder_quantization"] == "qfloat8"
+    assert type(quantized.text_encoder.model.language_model.layers[0].mlp.up_proj).__name__ == "QLinear"
+    for pipe in (plain, split, quantized):
+        pipe.unload()
