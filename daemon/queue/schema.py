@@ -38,14 +38,14 @@ class UTCDateTime(sa.TypeDecorator):
         return value.astimezone(timezone.utc)
 
 
-state_type = sa.Enum(
-    JobState,
-    name="job_state",
-    native_enum=False,
-    create_constraint=True,
-    length=16,
-    values_callable=lambda states: [s.value for s in states],
-)
+def state_type(check_name: str) -> sa.Enum:
+    """A JobState stored as its value, checked by a constraint named `check_name`.
+
+    Names are per column: PostgreSQL rejects two CHECK constraints of one name in a table.
+    """
+    return sa.Enum(JobState, name=check_name, native_enum=False, create_constraint=True,
+                   length=16, values_callable=lambda states: [s.value for s in states])
+
 
 metadata = sa.MetaData()
 
@@ -55,7 +55,7 @@ jobs = sa.Table(
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("key", sa.String(64), nullable=False, unique=True,
               comment="idempotency key: one job per render, whatever its state"),
-    sa.Column("state", state_type, nullable=False),
+    sa.Column("state", state_type("ck_jobs_state"), nullable=False),
     sa.Column("priority", sa.Integer, nullable=False, default=0),
     sa.Column("model", sa.String(64), nullable=False,
               comment="claims prefer the model a worker has loaded"),
@@ -88,8 +88,9 @@ job_events = sa.Table(
     sa.Column("job_id", sa.Integer, sa.ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False,
               index=True),
     sa.Column("at", UTCDateTime, nullable=False),
-    sa.Column("from_state", state_type, nullable=True, comment="NULL for the enqueue event"),
-    sa.Column("to_state", state_type, nullable=False),
+    sa.Column("from_state", state_type("ck_job_events_from_state"), nullable=True,
+              comment="NULL for the enqueue event"),
+    sa.Column("to_state", state_type("ck_job_events_to_state"), nullable=False),
     sa.Column("worker_id", sa.String(128), nullable=True),
     sa.Column("message", sa.Text, nullable=True),
     sqlite_autoincrement=True,
