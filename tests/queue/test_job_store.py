@@ -7,6 +7,7 @@ import multiprocessing
 import os
 import sqlite3
 import threading
+import time
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -54,10 +55,12 @@ def assert_history_is_legal(store: JobStore) -> None:
 
 def _claim_all_in_process(url, worker_id, barrier, results):
     store = JobStore(url)
+    store.counts()  # connect before the start line, so both processes really race
     barrier.wait(timeout=30)
     claimed = []
     while (job := store.claim(worker_id, lease_seconds=LEASE)) is not None:
         claimed.append(job.id)
+        time.sleep(0.001)  # "work": else SQLite's busy backoff lets one process take all 50
     store.close()
     results.put(claimed)
 
@@ -412,6 +415,7 @@ class StoreContract:
                 barrier.wait(timeout=10)
                 while (job := store.claim(worker_id, lease_seconds=LEASE)) is not None:
                     claimed[worker_id].append(job.id)
+                    time.sleep(0.001)
             except Exception as exc:  # surfaced below: a thread's exception would be lost
                 errors.append(exc)
 
