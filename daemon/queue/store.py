@@ -43,7 +43,8 @@ class JobStore:
     """The job queue on one database URL, e.g. ``sqlite:////var/lib/previewd/previewd.db``.
 
     Safe to share between threads. Each process needs its own store: create it after forking.
-    `clock` must return aware datetimes; tests pass a fake one to move time.
+    `clock` must return aware datetimes; tests pass a fake one to move time. `busy_timeout`
+    (SQLite) is how many seconds a writer waits for another process's write lock.
     """
 
     def __init__(self, url: str, *, clock: Clock = utcnow, busy_timeout: float = 30.0):
@@ -134,8 +135,7 @@ class JobStore:
                     .where(jobs.c.id == job_id, jobs.c.state == QUEUED)
                     .values(state=RUNNING, worker_id=worker_id,
                             lease_expires_at=now + timedelta(seconds=lease_seconds),
-                            attempts=jobs.c.attempts + 1, started_at=now, finished_at=None,
-                            progress=None, updated_at=now)
+                            attempts=jobs.c.attempts + 1, started_at=now, updated_at=now)
                     .returning(jobs)
                 ).one_or_none()
                 if row is not None:

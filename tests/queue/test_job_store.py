@@ -117,11 +117,10 @@ class StoreContract:
             store.enqueue(key=key, payload={}, model="m", group="g")
 
     def test_clock_must_be_aware(self, url):
-        store = JobStore(url, clock=datetime.now)
-        store.create_schema()
-        with pytest.raises(ValueError, match="naive"):
-            store.enqueue(key="k", payload={}, model="m", group="g")
-        store.close()
+        with JobStore(url, clock=datetime.now) as store:
+            store.create_schema()
+            with pytest.raises(ValueError, match="naive"):
+                store.enqueue(key="k", payload={}, model="m", group="g")
 
     # -- claim -------------------------------------------------------------------------------
 
