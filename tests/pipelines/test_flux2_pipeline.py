@@ -78,3 +78,12 @@ def test_separate_text_encoder_source_and_qfloat8(tiny_flux2):
     assert type(quantized.text_encoder.model.language_model.layers[0].mlp.up_proj).__name__ == "QLinear"
     for pipe in (plain, split, quantized):
         pipe.unload()
+
+
+def test_sources_never_download(tmp_path):
+    from previewd.errors import ConfigError
+    from previewd.pipelines.flux2 import resolve_source
+
+    assert resolve_source(str(tmp_path)) == tmp_path
+    with pytest.raises(ConfigError, match="never downloads"):
+        resolve_source("previewd-tests/no-such-flux2-repo")
