@@ -32,8 +32,8 @@ from previewd.pipelines import device as devices
 from previewd.pipelines.base import StepCallback, StopCheck
 from previewd.pipelines.lora import LoraWeights, linear_module_names, load_lora
 from previewd.pipelines.models import MODELS, snap, validate_spec
+from previewd.pipelines import qwen_encode
 from previewd.pipelines.qwen_encode import (
-    EDIT_TE_AREA,
     ControlPlan,
     edit_vae_image,
     open_control,
@@ -135,7 +135,7 @@ class _QwenPreview:
             return
         started = time.perf_counter()
         cls = self._pipeline_class()
-        pipe = cls.from_pretrained(self.source.path, torch_dtype=devices.torch_dtype(self.dtype),
+        pipe = cls.from_pretrained(self.source.path, dtype=devices.torch_dtype(self.dtype),
                                    local_files_only=True, **self._text_encoder_overrides())
         if self.source.quantize_text_encoder == "qfloat8":
             from optimum.quanto import freeze, qfloat8, quantize
@@ -421,10 +421,8 @@ class QwenImagePreview(_QwenPreview):
 
 
 class _QwenEditBase(_QwenPreview):
-    te_area = EDIT_TE_AREA
-
     def _te_area(self) -> int:
-        return self.te_area
+        return qwen_encode.EDIT_TE_AREA
 
     def _te_images(self, plan: ControlPlan, spec: RenderSpec):
         dtype = devices.torch_dtype(self.dtype)
