@@ -108,6 +108,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def _store(config: Config):
     from previewd.queue.store import JobStore
 
+    config.state_dir.mkdir(parents=True, exist_ok=True)
     store = JobStore(config.db_url)
     store.create_schema()
     return store
@@ -160,10 +161,6 @@ def _change(args: argparse.Namespace, action: str) -> int:
         store.close()
     for job in changed:
         print(f"#{job.id}: {job.state.value}")
-    missing = sorted(set(args.jobs) - {job.id for job in changed})
-    if missing:
-        print(f"not changed (unknown id or wrong state): {', '.join(map(str, missing))}", file=sys.stderr)
-        return EXIT_FAILURE
     return EXIT_OK
 
 
@@ -206,8 +203,8 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--limit", type=int, default=20, help="failed jobs to list")
     sp.set_defaults(func=cmd_status)
 
-    for action in ("retry", "cancel"):
-        sp = with_config(sub.add_parser(action, help=f"{action} jobs by id"))
+    for action, what in (("retry", "requeue failed or cancelled jobs"), ("cancel", "cancel queued or running jobs")):
+        sp = with_config(sub.add_parser(action, help=f"{what} (all or none: an unknown id or wrong state changes nothing)"))
         sp.add_argument("jobs", nargs="+", type=int)
         sp.set_defaults(func=lambda a, action=action: _change(a, action))
     return p

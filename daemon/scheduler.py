@@ -16,9 +16,9 @@ from typing import Any, Callable
 
 from previewd import outbox
 from previewd.config import Config
-from previewd.errors import PipelineError, RenderInterrupted
+from previewd.errors import JobStateError, PipelineError, RenderInterrupted
 from previewd.intake.aitoolkit import find_aitk_sample
-from previewd.queue.store import Job, JobStore
+from previewd.queue import Job, JobState, JobStore
 from previewd.retry import RetryPolicy
 from previewd.spec import RenderResult
 from previewd.tasks import RenderTask
@@ -196,16 +196,25 @@ class Scheduler:
         except RenderInterrupted:
             if lease.lost.is_set():
                 log.info("job %d: stopped, it was cancelled or taken over", job.id)
-            else:
+                return
+            try:
                 self._store.release(job.id, self._worker, "shutdown")
                 log.info("job %d: interrupted by shutdown, returned to the queue", job.id)
+            except JobStateError:
+                log.info("job %d: interrupted; it was already cancelled or taken over", job.id)
             return
         except Exception as exc:  # noqa: BLE001 - every failure is recorded on the job
             self._record_failure(job, exc)
             return
-        self._store.finish(job.id, self._worker, {"image": str(Path(task.target.out_dir) / entry["image"]),
-                                                  "seed": result.seed})
-        log.info("job %d: done -> %s", job.id, Path(task.target.out_dir) / entry["image"])
+        image = Path(task.target.out_dir) / entry["image"]
+        try:
+            self._store.finish(job.id, self._worker, {"image": str(image), "seed": result.seed})
+        except JobStateError:
+            # Cancelled or taken over after the render finished: the image is written either way,
+            # and the outbox entry is keyed by image name, so a re-run replaces it, never doubles it.
+            log.info("job %d: rendered, but no longer ours to finish", job.id)
+            return
+        log.info("job %d: done -> %s", job.id, image)
 
     def _record_failure(self, job: Job, exc: BaseException) -> None:
         decision = self._policy.decide(job.attempts, exc)
@@ -213,8 +222,12 @@ class Scheduler:
         retry_at = None
         if decision.retry:
             retry_at = datetime.now(timezone.utc) + timedelta(seconds=decision.delay)
-        final = self._store.fail(job.id, self._worker, message, retry_at=retry_at)
-        if isinstance(exc, PipelineError) or final.state.value == "queued":
+        try:
+            final = self._store.fail(job.id, self._worker, message, retry_at=retry_at)
+        except JobStateError:
+            log.warning("job %d: %s (it was cancelled or taken over meanwhile)", job.id, message)
+            return
+        if isinstance(exc, PipelineError) or final.state == JobState.QUEUED:
             log.warning("job %d: %s (%s)", job.id, message, decision.reason)
         else:
             log.exception("job %d failed: %s", job.id, message, exc_info=exc)

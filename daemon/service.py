@@ -95,7 +95,8 @@ class Service:
         current = self._scheduler.current
         self._store.worker_heartbeat(self.worker_id, current.id if current else None)
         for job in self._store.requeue_expired():
-            log.warning("job %d: lease of worker %s expired; now %s", job.id, job.worker_id, job.state.value)
+            log.warning("job %d: its worker stopped renewing the lease; now %s (%s)", job.id, job.state.value,
+                        job.last_error)
         keep = {job.affinity for job in self._store.list_jobs(
             states=[JobState.QUEUED, JobState.RUNNING, JobState.FAILED]) if job.affinity}
         snapshots.prune(self.config.snapshot_dir, keep, min_age_seconds=_SNAPSHOT_MIN_AGE, now=time.time())

@@ -44,6 +44,10 @@ def _write_slowly(path: Path, data: bytes, *, chunks: int = 6, pause: float = 0.
             time.sleep(long_pause if i == long_pause_after else pause)
 
 
+def _renders(folder: Path) -> list[Path]:
+    return [p for p in folder.glob("*.png") if p.name != "grid.png"]
+
+
 def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen, log: Path) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -85,7 +89,7 @@ def test_daemon_renders_run_and_request_once(tmp_path: Path, tiny_qwen: Path) ->
 
         previews = run / "previews"
         request_out = tmp_path / "outbox" / "good"
-        _wait_for(lambda: len(list(previews.glob("*.png"))) == 4 and len(list(request_out.glob("*.png"))) == 1
+        _wait_for(lambda: len(_renders(previews)) == 4 and len(_renders(request_out)) == 1
                   and (inbox / "bad.yaml.error.txt").exists(), 240, "4 + 1 previews", proc, log)
         _wait_for(lambda: _all_done(config), 60, "the queue to drain", proc, log)
     finally:
@@ -111,10 +115,10 @@ def test_daemon_renders_run_and_request_once(tmp_path: Path, tiny_qwen: Path) ->
     error = (inbox / "bad.yaml.error.txt").read_text()
     assert "prompts.0.width" in error and "colour" in error
 
-    before = {p.name: p.stat().st_mtime_ns for p in previews.glob("*.png")}
+    before = {p.name: p.stat().st_mtime_ns for p in _renders(previews)}
     restarted = _start(config, log, "--exit-when-idle")
     assert restarted.wait(timeout=120) == 0, log.read_text()[-4000:]
-    after = {p.name: p.stat().st_mtime_ns for p in previews.glob("*.png")}
+    after = {p.name: p.stat().st_mtime_ns for p in _renders(previews)}
     assert after == before, "a restart rendered something again"
     assert len(json.loads((previews / "manifest.json").read_text())["renders"]) == 4
 
@@ -137,5 +141,5 @@ def test_readme_demo_renders_example(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "previewd", "run", "-c", str(demo / "config.yaml"),
                            "--exit-when-idle"], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
-    assert len(list((demo / "inbox" / "example_lora" / "previews").glob("*.png"))) == 4
-    assert len(list((demo / "outbox" / "example_request").glob("*.png"))) == 1
+    assert len(_renders(demo / "inbox" / "example_lora" / "previews")) == 4
+    assert len(_renders(demo / "outbox" / "example_request")) == 1

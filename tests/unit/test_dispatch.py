@@ -1,0 +1,138 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from previewd.config import load_config
+from previewd.dispatch import Dispatcher, error_file
+from previewd.instance import EXAMPLE_RUN, render_config
+from previewd.queue import JobStore
+from previewd.tasks import RenderTask
+
+
+@pytest.fixture
+def setup(tmp_path):
+    (tmp_path / "config.yaml").write_text(render_config(tiny_models_dir="./models"))
+    config = load_config(tmp_path / "config.yaml")
+    config.inbox.mkdir()
+    config.state_dir.mkdir()
+    store = JobStore(config.db_url)
+    store.create_schema()
+    yield config, store, Dispatcher(config, store)
+    store.close()
+
+
+def _checkpoint(path: Path, step: int | None = None, value: float = 1.0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"format": "pt"} | ({"training_info": f'{{"step": {step}, "epoch": 0}}'} if step else {})
+    save_file({"diffusion_model.transformer_blocks.0.attn.to_q.lora_A.weight": np.full((4, 16), value, np.float32)},
+              str(path), metadata=meta)
+    return path
+
+
+def _run(config) -> Path:
+    run = config.inbox / "example_lora"
+    run.mkdir()
+    (run / "config.yaml").write_text(EXAMPLE_RUN.format(training_folder=config.inbox))
+    return run
+
+
+def test_checkpoint_of_a_run_queues_one_job_per_sample_prompt(setup):
+    config, store, dispatcher = setup
+    run = _run(config)
+    ckpt = _checkpoint(run / "example_lora_000000250.safetensors")
+    assert dispatcher.handle(ckpt) is True
+    jobs = store.list_jobs()
+    tasks = [RenderTask.model_validate(j.payload) for j in jobs]
+    assert [(t.target.step, t.target.prompt_index) for t in tasks] == [(250, 0), (250, 1)]
+    assert {t.target.out_dir for t in tasks} == {str(run / "previews")}
+    assert tasks[0].spec.prompt == "p3r5on a red fox sitting in fresh snow, golden hour"
+    assert tasks[1].spec.seed == 7 and tasks[0].spec.seed == 42
+    snap = Path(tasks[0].spec.lora.path)
+    assert snap.parent == config.snapshot_dir and snap.stem == tasks[0].spec.lora.sha256
+    assert jobs[0].affinity == tasks[0].spec.lora.sha256
+    # The same file again (rescan, restart, the run's config.yaml re-read): nothing new.
+    dispatcher.handle(ckpt)
+    dispatcher.handle(run / "config.yaml")
+    assert len(store.list_jobs()) == 2
+
+
+def test_final_checkpoint_takes_its_step_from_the_header(setup):
+    config, store, dispatcher = setup
+    run = _run(config)
+    dispatcher.handle(_checkpoint(run / "example_lora.safetensors", step=1000))
+    assert {RenderTask.model_validate(j.payload).target.image_name for j in store.list_jobs()} == \
+        {"000001000_00.png", "000001000_01.png"}
+
+
+def test_incomplete_checkpoint_is_not_taken_yet(setup):
+    config, store, dispatcher = setup
+    run = _run(config)
+    ckpt = _checkpoint(run / "example_lora_000000500.safetensors")
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(data[:-10])
+    assert dispatcher.handle(ckpt) is False
+    assert store.list_jobs() == []
+    ckpt.write_bytes(data)
+    assert dispatcher.handle(ckpt) is True and len(store.list_jobs()) == 2
+
+
+def test_run_files_that_are_not_checkpoints_are_left_alone(setup):
+    config, store, dispatcher = setup
+    run = _run(config)
+    (run / "optimizer.pt").write_bytes(b"\x80\x04pickle")
+    _checkpoint(run / "other_name_000000250.safetensors")
+    assert dispatcher.handle(run / "optimizer.pt") and dispatcher.handle(run / "other_name_000000250.safetensors")
+    assert store.list_jobs() == [] and not error_file(run / "optimizer.pt").exists()
+
+
+def test_loose_pickled_weights_are_refused_without_opening(setup):
+    config, _store, dispatcher = setup
+    path = config.inbox / "model.ckpt"
+    path.write_bytes(b"not even read")
+    dispatcher.handle(path)
+    assert "pickled weights are never loaded" in error_file(path).read_text()
+
+
+def test_bad_request_gets_an_error_file_until_it_is_fixed(setup):
+    config, store, dispatcher = setup
+    run = _run(config)
+    _checkpoint(run / "example_lora_000000250.safetensors")
+    request = config.inbox / "req.yaml"
+    request.write_text("model: qwen_image_2512\nprompts:\n  - prompt: hi\n    sample_step: 3\n")
+    dispatcher.handle(request)
+    text = error_file(request).read_text()
+    assert "prompts.0.sample_step" in text and "sample_steps" in text
+    request.write_text("model: qwen_image_2512\nprompts:\n  - prompt: hi\n    sample_steps: 3\n"
+                       "loras:\n  - path: example_lora/example_lora_000000250.safetensors\n")
+    dispatcher.handle(request)
+    assert not error_file(request).exists()
+    [job] = store.list_jobs()
+    task = RenderTask.model_validate(job.payload)
+    assert task.target.out_dir == str(config.outbox_root / "req") and task.target.step is None
+    assert task.spec.lora.sha256 and Path(task.spec.lora.path).parent == config.snapshot_dir
+
+
+def test_request_paths_are_confined_to_the_roots(setup, tmp_path):
+    config, store, dispatcher = setup
+    outside = _checkpoint(tmp_path / "elsewhere" / "x.safetensors")
+    request = config.inbox / "req.json"
+    request.write_text(f'{{"model": "qwen_image_2512", "prompts": [{{"prompt": "a"}}], '
+                       f'"loras": [{{"path": "{outside}"}}]}}')
+    dispatcher.handle(request)
+    assert "loras.0.path" in error_file(request).read_text()
+    assert store.list_jobs() == []
+    # The user's own command (`previewd render`) may name any local file.
+    [task] = dispatcher.plan_request(request, trusted=True)
+    assert task.spec.lora is not None
+
+
+def test_ignore_skips_own_outputs_samples_and_temporaries(setup):
+    config, _store, dispatcher = setup
+    run = config.inbox / "run"
+    for path, ignored in [(run / "previews" / "manifest.json", True), (run / "samples" / "1__000000250_0.jpg", True),
+                          (config.inbox / ".x.yaml", True), (config.inbox / "a.yaml.error.txt", True),
+                          (config.inbox / "up.tmp", True), (config.state_dir / "assets" / "a.png", True),
+                          (config.inbox / "a.yaml", False), (run / "run_000000250.safetensors", False)]:
+        assert dispatcher.ignore(path) is ignored, path
