@@ -17,9 +17,14 @@ from diffusers import QwenImageEditPlusPipeline
 from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as stock
 from PIL import Image
 
+from previewd.pipelines.qwen_vae_cache import CachedVaeEncodeMixin
 
-class QwenEditPlusCfgNormPipeline(QwenImageEditPlusPipeline):
-    """Edit-plus pipeline whose `sample` takes pre-encoded prompts and a `cfg_norm` switch."""
+
+class QwenEditPlusCfgNormPipeline(CachedVaeEncodeMixin, QwenImageEditPlusPipeline):
+    """Edit-plus pipeline whose `sample` takes pre-encoded prompts and a `cfg_norm` switch.
+
+    Control-image latents are cached across calls (qwen_vae_cache).
+    """
 
     def _vae_condition(self, images: list[Image.Image]):
         """Each control image at ~1 MP (aspect kept, 32-rounded), as the parent prepares it."""

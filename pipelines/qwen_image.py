@@ -455,9 +455,9 @@ class QwenImageEditPreview(_QwenEditBase):
     control_kind = "single"
 
     def _pipeline_class(self):
-        from diffusers import QwenImageEditPipeline
+        from previewd.pipelines.qwen_vae_cache import QwenEditCachedPipeline
 
-        return QwenImageEditPipeline
+        return QwenEditCachedPipeline
 
     def _denoise(self, spec, plan, embeds, width, height, generator, callback):
         (_slot, img), = plan.vae

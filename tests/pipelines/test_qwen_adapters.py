@@ -206,6 +206,28 @@ def test_prompt_embeddings_are_cached_across_checkpoints(adapters, workdir, tmp_
         hook.remove()
 
 
+@pytest.mark.parametrize("model_id", ["qwen_image_edit", "qwen_image_edit_plus"])
+def test_control_latents_are_encoded_once_and_reused_exactly(adapters, workdir, tmp_path, model_id):
+    adapter = adapters(model_id)
+    adapter.load()
+    adapter.pipe.clear_latent_cache()
+    calls = []
+    hook = adapter.pipe.vae.encoder.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        spec = _spec(model_id, workdir, names=("port",), seed=11)
+        first = adapter.render(spec)
+        encodes = len(calls)
+        assert encodes >= 1
+        lora = _lora_file(adapter, tmp_path / "v.safetensors", seed=4)
+        adapter.render(spec.model_copy(update={"lora": LoraSpec(path=lora)}))
+        adapter.apply_lora(None)
+        again = adapter.render(spec)
+        assert len(calls) == encodes
+        assert again.image.tobytes() == first.image.tobytes()
+    finally:
+        hook.remove()
+
+
 @pytest.mark.parametrize("parity", PROFILES)
 def test_edit_output_follows_the_control_image(adapters, workdir, parity):
     adapter = adapters("qwen_image_edit")

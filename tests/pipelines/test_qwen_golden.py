@@ -1,0 +1,70 @@
+"""previewd's Qwen renders against ai-toolkit's and the reference server's own renders.
+
+Every Qwen case in ../shared/goldens must match output.png within 1/255 per channel on every
+pixel (CPU, float32, 2 threads). Switch sequences (sNN_) render `switch.first` then `switch.then`
+on one cached adapter. The 1-step case must raise NonFiniteOutput instead of a black image.
+One adapter per model serves every case, as the daemon keeps its pipeline hot.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from previewd.errors import NonFiniteOutput
+from previewd.pipelines import create
+from previewd.pipelines.qwen_image import AITK_SCHEDULER
+from qwen_helpers import GOLDENS, expected_png, golden_cases, golden_model, max_level_diff, specs_for_case
+
+pytestmark = [pytest.mark.golden, pytest.mark.slow,
+              pytest.mark.skipif(not golden_cases(), reason="shared goldens not present")]
+TOLERANCE = 1
+
+
+@pytest.fixture(scope="module")
+def adapters():
+    torch.set_num_threads(2)
+    made = {}
+
+    def get(model_id):
+        if model_id not in made:
+            made[model_id] = create(model_id, golden_model(model_id), device="cpu", dtype="float32")
+        return made[model_id]
+
+    yield get
+    for adapter in made.values():
+        adapter.unload()
+
+
+@pytest.mark.parametrize("profile, model_id, case_id", golden_cases(), ids=lambda v: v)
+def test_golden_case(adapters, profile, model_id, case_id):
+    adapter = adapters(model_id)
+    specs = specs_for_case(profile, model_id, case_id)
+    if "nan_edge" in case_id:
+        with pytest.raises(NonFiniteOutput):
+            adapter.render(specs[-1])
+        return
+    for spec in specs:
+        result = adapter.render(spec)
+    expected = expected_png(profile, model_id, case_id)
+    assert (result.height, result.width) == expected.shape[:2]
+    diff = max_level_diff(result.image, expected)
+    assert diff <= TOLERANCE, f"{profile}/{model_id}/{case_id}: max diff {diff}/255"
+
+
+def test_aitk_scheduler_matches_recorded_sigmas():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
+
+    schedules = json.loads((GOLDENS / "schedules.json").read_text())["qwen_aitk"]
+    for name, entry in schedules.items():
+        steps = int(name.split("steps")[1])
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(AITK_SCHEDULER)
+        mu = calculate_shift(entry["image_seq_len"], 256, 8192, 0.5, 0.9)
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+        expected = np.array([np.nan if s is None else s for s in entry["sigmas"]], dtype=np.float64)
+        np.testing.assert_allclose(scheduler.sigmas.double().numpy(), expected, rtol=0, atol=1e-6,
+                                   equal_nan=True, err_msg=name)
