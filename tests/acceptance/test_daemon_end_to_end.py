@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -26,10 +28,34 @@ def tiny_qwen(tmp_path_factory) -> Path:
     return build_all(tmp_path_factory.mktemp("models"), ["qwen_image_2512"])["qwen_image_2512"]
 
 
-def _start(config: Path, log: Path, *extra: str) -> subprocess.Popen:
+def _start(config: Path, log: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
     handle = open(log, "ab")
     return subprocess.Popen([sys.executable, "-m", "previewd", "run", "-c", str(config), *extra],
-                            stdout=handle, stderr=subprocess.STDOUT)
+                            stdout=handle, stderr=subprocess.STDOUT, env=env)
+
+
+class NotifyListener(threading.Thread):
+    """Stands in for systemd: collects the daemon's sd_notify datagrams."""
+
+    def __init__(self, path: Path):
+        super().__init__(daemon=True)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.5)
+        self.messages: list[str] = []
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            try:
+                self.messages.extend(self.sock.recv(4096).decode().split("\n"))
+            except TimeoutError:
+                continue
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join()
+        self.sock.close()
 
 
 def _write_slowly(path: Path, data: bytes, *, chunks: int = 6, pause: float = 0.3,
@@ -72,7 +98,9 @@ def test_daemon_renders_run_and_request_once(tmp_path: Path, tiny_qwen: Path) ->
         staged = write_random_lora(tiny_qwen, tmp_path / "staging" / f"c{step}.safetensors", seed=seed, step=step)
         checkpoints[step] = staged.read_bytes()
 
-    proc = _start(config, log)
+    listener = NotifyListener(tmp_path / "notify.sock")
+    listener.start()
+    proc = _start(config, log, env=dict(os.environ, NOTIFY_SOCKET=str(tmp_path / "notify.sock")))
     try:
         run = inbox / "example_lora"
         run.mkdir()
@@ -95,6 +123,11 @@ def test_daemon_renders_run_and_request_once(tmp_path: Path, tiny_qwen: Path) ->
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0, log.read_text()[-4000:]
+        listener.stop()
+
+    assert listener.messages[0] == "READY=1"
+    assert "WATCHDOG=1" in listener.messages and listener.messages[-1] == "STOPPING=1"
+    assert any(m.startswith("STATUS=rendering job") for m in listener.messages)
 
     manifest = json.loads((previews / "manifest.json").read_text())
     seen = sorted((r["step"], r["prompt_index"]) for r in manifest["renders"])
@@ -143,3 +176,47 @@ def test_readme_demo_renders_example(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-4000:]
     assert len(_renders(demo / "inbox" / "example_lora" / "previews")) == 4
     assert len(_renders(demo / "outbox" / "example_request")) == 1
+
+
+def test_a_killed_daemon_finishes_every_job_exactly_once(tmp_path: Path, tiny_qwen: Path) -> None:
+    """kill -9 in the middle of a render; a new daemon takes the job up once its lease expires."""
+    from previewd.config import load_config
+    from previewd.queue import JobState, JobStore
+
+    config = tmp_path / "config.yaml"
+    config.write_text(render_config(tiny_models_dir=str(tiny_qwen.parent), settle_seconds=0.5,
+                                    idle_poll_seconds=0.2).replace("lease_seconds: 300", "lease_seconds: 3")
+                      .replace("heartbeat_seconds: 10", "heartbeat_seconds: 0.5"))
+    inbox, log = tmp_path / "inbox", tmp_path / "daemon.log"
+    inbox.mkdir()
+    (inbox / "slow.yaml").write_text(
+        "model: qwen_image_2512\nprompts:\n"
+        + "".join(f"  - prompt: 'a lighthouse number {i}'\n    width: 64\n    height: 64\n    sample_steps: 150\n"
+                  for i in range(2)))
+    store = JobStore(load_config(config).db_url)
+    proc = _start(config, log)
+    try:
+        def running() -> bool:
+            try:
+                return any((job.progress or 0) > 0 for job in store.list_jobs(states=[JobState.RUNNING]))
+            except Exception:  # the daemon may not have created the schema yet
+                return False
+        _wait_for(running, 120, "a job to be mid-render", proc, log)
+        proc.kill()
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    [killed] = store.list_jobs(states=[JobState.RUNNING])
+
+    restarted = _start(config, log, "--exit-when-idle")
+    assert restarted.wait(timeout=300) == 0, log.read_text()[-4000:]
+    jobs = store.list_jobs()
+    assert [job.state for job in jobs] == [JobState.DONE, JobState.DONE]
+    assert store.get(killed.id).attempts == 2
+    path = [event.to_state for event in store.events(killed.id)]
+    assert path == [JobState.QUEUED, JobState.RUNNING, JobState.QUEUED, JobState.RUNNING, JobState.DONE]
+    store.close()
+    manifest = json.loads((tmp_path / "outbox" / "slow" / "manifest.json").read_text())
+    assert sorted(r["prompt_index"] for r in manifest["renders"]) == [0, 1]
+    assert len(_renders(tmp_path / "outbox" / "slow")) == 2

@@ -1,0 +1,64 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from previewd.cli import main
+from previewd.config import load_config
+from previewd.instance import render_config
+from previewd.queue import JobStore
+
+
+@pytest.fixture
+def config_path(tmp_path) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(render_config())
+    return path
+
+
+def _queue(config_path: Path, n: int) -> list[int]:
+    config = load_config(config_path)
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    with JobStore(config.db_url) as store:
+        store.create_schema()
+        return [store.enqueue(key=f"k{i}", payload={"target": {"prompt_index": i}}, model="flux2", group="g")[0].id
+                for i in range(n)]
+
+
+def test_bad_config_exits_2_and_names_the_key(tmp_path, capsys):
+    bad = tmp_path / "c.yaml"
+    bad.write_text("inbox: x\n")
+    assert main(["status", "-c", str(bad)]) == 2
+    assert "state_dir: Field required" in capsys.readouterr().err
+
+
+def test_bad_usage_exits_2(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["frobnicate"])
+    assert info.value.code == 2
+
+
+def test_status_cancel_retry(config_path, capsys):
+    first, second = _queue(config_path, 2)
+    assert main(["status", "-c", str(config_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["counts"]["queued"] == 2
+    assert main(["cancel", "-c", str(config_path), str(first)]) == 0
+    assert f"#{first}: cancelled" in capsys.readouterr().out
+    # All or nothing: an id in the wrong state changes nothing and fails.
+    assert main(["cancel", "-c", str(config_path), str(first), str(second)]) == 1
+    assert "previewd:" in capsys.readouterr().err
+    assert main(["retry", "-c", str(config_path), str(first)]) == 0
+    assert f"#{first}: queued" in capsys.readouterr().out
+    assert main(["status", "-c", str(config_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["counts"] == {
+        "queued": 2, "running": 0, "done": 0, "failed": 0, "cancelled": 0}
+
+
+def test_submit_copies_atomically_without_overwriting(config_path, tmp_path, capsys):
+    request = tmp_path / "req.yaml"
+    request.write_text("model: flux2\n")
+    assert main(["submit", "-c", str(config_path), str(request)]) == 0
+    assert main(["submit", "-c", str(config_path), str(request)]) == 0
+    inbox = load_config(config_path).inbox
+    assert sorted(p.name for p in inbox.iterdir()) == ["req-1.yaml", "req.yaml"]
+    assert main(["submit", "-c", str(config_path), str(tmp_path / "missing.yaml")]) == 1
