@@ -123,21 +123,24 @@ def normalize(tensors: dict[str, torch.Tensor], *, module_names: set[str] | None
                         f"(e.g. {modules[0]!r}); wrong base model or key format")
     state_dict: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
+    skipped = set(unmatched)
     for module in modules:
-        if module in unmatched:
+        if module in skipped:
             continue
         a, b = down[module], up[module]
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
-            raise LoraError(f"{source}: {module!r} has incompatible LoRA shapes {tuple(a.shape)} / {tuple(b.shape)}")
+            raise LoraError(f"{source}: {module!r} has incompatible LoRA shapes "
+                            f"{tuple(a.shape)} / {tuple(b.shape)}")
         rank = a.shape[0]
         if module in alphas and alphas[module] != rank:
-            # peft scales by alpha/rank; folding it into A keeps every file loadable without alphas.
-            a = (a.float() * (alphas[module] / rank)).to(a.dtype)
+            # peft scales by alpha/rank; folding it into A (in float32, so no extra rounding) keeps
+            # every file loadable without alphas.
+            a = a.float() * (alphas[module] / rank)
         state_dict[f"{prefix}.{module}.lora_A.weight"] = a
         state_dict[f"{prefix}.{module}.lora_B.weight"] = b
         ranks[module] = rank
-    return LoraWeights(state_dict=state_dict, modules=[m for m in modules if m not in unmatched], ranks=ranks, unmatched=unmatched,
-                       alpha_folded=bool(alphas), source_format="kohya" if kohya else "peft")
+    return LoraWeights(state_dict=state_dict, modules=[m for m in modules if m not in skipped], ranks=ranks,
+                       unmatched=unmatched, alpha_folded=bool(alphas), source_format="kohya" if kohya else "peft")
 
 
 def load_lora(path: str | Path, *, module_names: set[str] | None = None,

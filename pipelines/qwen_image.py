@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from previewd.errors import NonFiniteOutput, PipelineError, RenderInterrupted
+from previewd.errors import LoraError, NonFiniteOutput, PipelineError, RenderInterrupted
 from previewd.pipelines import device as devices
 from previewd.pipelines.base import StepCallback, StopCheck
 from previewd.pipelines.lora import LoraWeights, linear_module_names, load_lora
@@ -80,12 +80,9 @@ class _LoadedLora:
     scale: float | None = None
 
 
-def _file_digest(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def _image_digest(img) -> tuple:
+    """Identifies a control image by its pixels, so renamed or re-saved files still hit the cache."""
+    return img.size, hashlib.sha256(img.tobytes()).hexdigest()
 
 
 class _QwenPreview:
@@ -106,7 +103,6 @@ class _QwenPreview:
         self._module_names: set[str] = set()
         self._lora: _LoadedLora | None = None
         self._embeds: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
-        self._digests: dict[tuple, str] = {}
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -123,7 +119,7 @@ class _QwenPreview:
         kwargs = {"local_files_only": True}
         parts = {
             "text_encoder": Qwen2_5_VLForConditionalGeneration.from_pretrained(
-                te_path, subfolder="text_encoder", torch_dtype=devices.torch_dtype(self.dtype), **kwargs),
+                te_path, subfolder="text_encoder", dtype=devices.torch_dtype(self.dtype), **kwargs),
             "tokenizer": Qwen2Tokenizer.from_pretrained(te_path, subfolder="tokenizer", **kwargs),
         }
         if self.control_kind != "none":
@@ -201,14 +197,21 @@ class _QwenPreview:
         if previous is not None and previous.fused_at is not None:
             self.pipe.unfuse_lora()
             previous.fused_at = None
+        method = "load"
         if previous is not None and previous.signature == weights.signature():
-            self.pipe.load_lora_weights(dict(weights.state_dict), adapter_name=ADAPTER, hotswap=True)
-            method = "hotswap"
-        else:
+            try:
+                self.pipe.load_lora_weights(dict(weights.state_dict), adapter_name=ADAPTER, hotswap=True)
+                method = "hotswap"
+            except (RuntimeError, ValueError) as exc:
+                logger.warning("%s: hot-swap failed (%s); unloading and loading instead", spec.path, exc)
+        if method == "load":
+            self._lora = None
             if previous is not None:
                 self.pipe.delete_adapters(ADAPTER)
-            self.pipe.load_lora_weights(dict(weights.state_dict), adapter_name=ADAPTER)
-            method = "load"
+            try:
+                self.pipe.load_lora_weights(dict(weights.state_dict), adapter_name=ADAPTER)
+            except (RuntimeError, ValueError, KeyError) as exc:
+                raise LoraError(f"{spec.path}: cannot be applied to {self.model_id} ({exc})") from exc
         adapters = self.pipe.get_list_adapters().get("transformer", [])
         if ADAPTER not in adapters:
             self._lora = None
@@ -251,15 +254,6 @@ class _QwenPreview:
                 "mode": self._lora_mode(), **self._lora.weights_info}
 
     # -- prompt embeddings ---------------------------------------------------------------------
-
-    def _digest(self, path: str, sha256: str | None) -> str:
-        if sha256:
-            return sha256
-        stat = os.stat(path)
-        key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
-        if key not in self._digests:
-            self._digests[key] = _file_digest(path)
-        return self._digests[key]
 
     def _cached_embeds(self, key: tuple, compute) -> tuple[torch.Tensor, torch.Tensor]:
         if key in self._embeds:
@@ -313,13 +307,7 @@ class _QwenPreview:
         timings["lora"] = time.perf_counter() - mark
 
         mark = time.perf_counter()
-        digests = ()
-        if plan is not None:
-            paths = {c.slot: c for c in spec.control_images}
-            slot_of = {"ctrl_img_1": "ctrl_img"} if "ctrl_img_1" not in paths else {}
-            digests = tuple((slot, self._digest(paths[slot_of.get(slot, slot)].path,
-                                                paths[slot_of.get(slot, slot)].sha256))
-                            for slot, _img in plan.text_encoder)
+        digests = () if plan is None else tuple(_image_digest(img) for _slot, img in plan.text_encoder)
         do_cfg = spec.guidance_scale > 1
         embeds = {}
         embeds["prompt_embeds"], embeds["prompt_embeds_mask"] = self._encode(spec.prompt, spec, plan, digests)
@@ -343,6 +331,8 @@ class _QwenPreview:
                 raise RenderInterrupted(f"{spec.model}: stopped after step {i + 1}/{total}")
             return {"latents": latents}
 
+        if should_stop is not None and should_stop():
+            raise RenderInterrupted(f"{spec.model}: stopped before denoising")
         tiling = spec.parity == "aitk" and spec.aitk.vae_tiling
         mark = time.perf_counter()
         if tiling:

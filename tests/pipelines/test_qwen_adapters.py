@@ -155,7 +155,8 @@ def test_switching_checkpoints_and_scales_equals_fresh_loads_without_reloading(a
     adapter.render(_spec(model_id, workdir))  # no LoRA loaded: fresh state for the references
     fresh_two = pixels(adapter.render(_spec(model_id, workdir, lora=LoraSpec(path=two))).image)
     adapter.apply_lora(None)
-    fresh_one_half = pixels(adapter.render(_spec(model_id, workdir, lora=LoraSpec(path=one, network_multiplier=0.5))).image)
+    half = LoraSpec(path=one, network_multiplier=0.5)
+    fresh_one_half = pixels(adapter.render(_spec(model_id, workdir, lora=half)).image)
     adapter.apply_lora(None)
 
     pipe, transformer = adapter.pipe, adapter.pipe.transformer
@@ -164,7 +165,7 @@ def test_switching_checkpoints_and_scales_equals_fresh_loads_without_reloading(a
     assert switched.record["lora"]["swap"] == "hotswap"
     assert np.abs(pixels(switched.image) - fresh_two).max() <= 1
     adapter.render(_spec(model_id, workdir, lora=LoraSpec(path=one)))
-    rescaled = adapter.render(_spec(model_id, workdir, lora=LoraSpec(path=one, network_multiplier=0.5)))
+    rescaled = adapter.render(_spec(model_id, workdir, lora=half))
     assert np.abs(pixels(rescaled.image) - fresh_one_half).max() <= 1
     assert adapter.pipe is pipe and adapter.pipe.transformer is transformer
 
