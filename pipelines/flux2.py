@@ -3,8 +3,9 @@
 diffusers supplies the networks (Flux2Transformer2DModel, AutoencoderKLFlux2) and transformers the
 Mistral-3 text encoder; the sampling itself is previewd's (flux2_sampler), because diffusers'
 Flux2Pipeline uses another schedule, timestep rounding and Euler precision
-(../shared/reference/flux2-sampler.md §2). The reference server imports ai-toolkit's sampler, so
-`parity="reference"` renders the same image.
+(../shared/reference/flux2-sampler.md §2). The networks are patched to round like ai-toolkit's BFL
+modules (flux2_numerics), which bf16 previews need to match its bf16 samples. The reference server
+imports ai-toolkit's sampler, so `parity="reference"` renders the same image.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from PIL import Image
 
 from previewd.errors import ConfigError, ControlImageError, NonFiniteOutput, PipelineOutOfMemory
 from previewd.pipelines import device as devices
-from previewd.pipelines import flux2_lora, flux2_sampler, flux2_text, flux2_vae
+from previewd.pipelines import flux2_lora, flux2_numerics, flux2_sampler, flux2_text, flux2_vae
 from previewd.pipelines.base import StepCallback, StopCheck
 from previewd.pipelines.models import MODELS, snap
 from previewd.spec import ModelSource, RenderResult, RenderSpec
@@ -90,6 +91,8 @@ class Flux2Preview:
             raise ConfigError(f"flux2: cannot load the diffusers-layout model at {root}: {exc}") from exc
         self.transformer.to(self.device).eval().requires_grad_(False)
         self.vae.to(self.device).eval().requires_grad_(False)
+        flux2_numerics.match_transformer(self.transformer)
+        flux2_numerics.match_vae(self.vae)
         self._load_text_encoder(root)
         self.merger = flux2_lora.LoraMerger(self.transformer)
 
@@ -106,7 +109,9 @@ class Flux2Preview:
             self.processor = AutoProcessor.from_pretrained(tokenizer, local_files_only=True)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"flux2: cannot load the Mistral-3 text encoder at {root}: {exc}") from exc
-        encoder.to(self.device).eval().requires_grad_(False)
+        # ai-toolkit casts the loaded encoder to the model dtype; that also rounds the rotary inv_freq
+        # buffers, which from_pretrained keeps in float32, and changes every bf16 embedding.
+        encoder.to(self.device, dtype=self.dtype).eval().requires_grad_(False)
         if self.source.quantize_text_encoder == "qfloat8":
             # ai-toolkit quantises every Linear/Conv2d of the encoder (no exclusions), after moving it.
             from optimum.quanto import freeze, qfloat8, quantize

@@ -18,17 +18,6 @@ from previewd.spec import ModelSource
 pytestmark = [pytest.mark.golden, pytest.mark.slow,
               pytest.mark.skipif(not golden_cases(), reason="shared goldens not present")]
 TOLERANCE = 2
-# In bfloat16 the tiny golden model is chaotic: a 1% change of one noise element moves the image by
-# ~7/255, and diffusers' modules round differently from ai-toolkit's BFL modules somewhere in the bf16
-# chain (not yet located: a BFL-numerics DiT forward, float32 RoPE, two-rounding RMSNorm and
-# x*sigmoid(x) in the VAE each still leave 7-10/255). float32 cases match within 1/255.
-BF16_DIVERGES = pytest.mark.xfail(strict=True, reason="bf16 rounding differs from ai-toolkit (7-10/255)")
-
-
-def cases():
-    return [pytest.param(*case, marks=BF16_DIVERGES) if case[1].endswith("_bf16") else case
-            for case in golden_cases()]
-
 _pipes: dict[str, object] = {}
 
 
@@ -48,7 +37,7 @@ def pipe_for(pipes, dtype: str):
     return pipes[dtype]
 
 
-@pytest.mark.parametrize(("profile", "case_id"), cases(), ids=lambda v: v)
+@pytest.mark.parametrize(("profile", "case_id"), golden_cases(), ids=lambda v: v)
 def test_matches_golden(pipes, profile, case_id):
     dtype, specs = case_specs(profile, case_id)
     pipe = pipe_for(pipes, dtype)
