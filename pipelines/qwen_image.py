@@ -66,7 +66,6 @@ AITK_SCHEDULER: dict[str, Any] = {
 DIVISOR = 32
 ADAPTER = "preview"
 EMBED_CACHE_SIZE = 32
-MAX_VAE_IMAGES = 3
 
 
 @dataclass
@@ -174,6 +173,8 @@ class _QwenPreview:
                                 f"(got {', '.join(numbered)})")
         if problems:
             raise PipelineError(f"cannot render {spec.model}: " + "; ".join(problems))
+        if spec.lora is not None and not os.path.isfile(spec.lora.path):
+            raise LoraError(f"{spec.lora.path}: LoRA file not found")
 
     # -- LoRA --------------------------------------------------------------------------------
 
@@ -299,8 +300,6 @@ class _QwenPreview:
         seed = spec.seed if spec.seed >= 0 else secrets.randbelow(2**32)
         width, height = snap(spec.width, DIVISOR), snap(spec.height, DIVISOR)
         plan = plan_controls(spec, self.control_kind, images) if self.control_kind != "none" else None
-        if plan is not None and len(plan.vae) > MAX_VAE_IMAGES:
-            raise PipelineError(f"{spec.model}: at most {MAX_VAE_IMAGES} control images")
 
         mark = time.perf_counter()
         lora_record = self.apply_lora(spec.lora)

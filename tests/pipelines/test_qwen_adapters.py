@@ -336,6 +336,14 @@ def test_too_small_size_is_refused_before_loading(workdir):
     assert adapter.pipe is None
 
 
+def test_missing_lora_file_is_refused_before_loading(workdir):
+    adapter = create("qwen_image_2512", ModelSource(path=str(workdir / "never-loaded")), device="cpu",
+                     dtype="float32")
+    with pytest.raises(LoraError, match="not found"):
+        adapter.render(_spec("qwen_image_2512", workdir, lora=LoraSpec(path=str(workdir / "gone.safetensors"))))
+    assert adapter.pipe is None
+
+
 def test_progress_and_stop(adapters, workdir):
     adapter = adapters("qwen_image_2512")
     steps = []
