@@ -151,18 +151,20 @@ def render_grid(out_dir: Path, manifest: dict[str, Any]) -> bytes:
     rows = manifest["checkpoints"]
     cols = manifest["prompts"]
     by_cell = {((r["checkpoint"] or "base"), r["prompt_index"]): r for r in manifest["renders"]}
+    # Cells fit the largest render, capped, so small previews are not lost in white space.
+    cell = min(_CELL, max(max(r["width"], r["height"]) for r in manifest["renders"]))
     label_w = 150
-    sheet = Image.new("RGB", (label_w + _CELL * len(cols), _LABEL_H + (_CELL + 4) * len(rows)), "white")
+    sheet = Image.new("RGB", (label_w + cell * len(cols), _LABEL_H + (cell + 4) * len(rows)), "white")
     draw = ImageDraw.Draw(sheet)
     font = _font()
     for c, prompt in enumerate(cols):
         text = f"#{prompt['index']}: {prompt['prompt']}"[:40]
-        draw.text((label_w + c * _CELL + 4, 3), text, fill="black", font=font)
+        draw.text((label_w + c * cell + 4, 3), text, fill="black", font=font)
     for r, ckpt in enumerate(rows):
-        y = _LABEL_H + r * (_CELL + 4)
+        y = _LABEL_H + r * (cell + 4)
         label = "base model" if ckpt["checkpoint"] is None else (
             f"step {ckpt['step']}" if ckpt["step"] is not None else ckpt["checkpoint"])
-        draw.text((4, y + _CELL // 2 - 6), label, fill="black", font=font)
+        draw.text((4, y + cell // 2 - 6), label, fill="black", font=font)
         for c, prompt in enumerate(cols):
             render = by_cell.get((ckpt["checkpoint"] or "base", prompt["index"]))
             if render is None:
@@ -170,10 +172,10 @@ def render_grid(out_dir: Path, manifest: dict[str, Any]) -> bytes:
             try:
                 with Image.open(out_dir / render["image"]) as tile:
                     tile = tile.convert("RGB")
-                    tile.thumbnail((_CELL, _CELL))
-                    sheet.paste(tile, (label_w + c * _CELL, y))
+                    tile.thumbnail((cell, cell))
+                    sheet.paste(tile, (label_w + c * cell, y))
             except OSError:
-                draw.text((label_w + c * _CELL + 4, y + 4), "(missing)", fill="red", font=font)
+                draw.text((label_w + c * cell + 4, y + 4), "(missing)", fill="red", font=font)
     buffer = io.BytesIO()
     sheet.save(buffer, format="PNG")
     return buffer.getvalue()

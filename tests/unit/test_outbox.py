@@ -51,13 +51,13 @@ def test_grid_has_a_row_per_checkpoint_and_a_column_per_prompt(tmp_path):
     _write(tmp_path, 500, 0, "red")
     with Image.open(tmp_path / "grid.png") as grid:
         grid = grid.convert("RGB")
-        label_w, cell, label_h = 150, 256, 18
+        label_w, cell, label_h = 150, 64, 18  # cells fit the 64 px renders
         assert grid.size == (label_w + 2 * cell, label_h + 2 * (cell + 4))
         # Tiles are thumbnails of the renders: the centre of each cell has the render's colour.
         assert grid.getpixel((label_w + 32, label_h + 32)) == (0, 128, 0)
         assert grid.getpixel((label_w + cell + 32, label_h + 32)) == (0, 0, 255)
         assert grid.getpixel((label_w + 32, label_h + cell + 4 + 32)) == (255, 0, 0)
-        assert grid.getpixel((label_w + cell + 32, label_h + cell + 4 + 32)) == (255, 255, 255)  # missing
+        assert grid.getpixel((label_w + cell + 32, label_h + cell + 4 + 32)) == (255, 255, 255)  # not rendered
 
 
 def test_page_shows_renders_and_aitk_samples_side_by_side(tmp_path):
