@@ -2,14 +2,16 @@
 
 In float32 the two implementations agree to ~1e-6, but in bfloat16 the tiny golden model (and any
 long sampling run) amplifies single-ulp differences into visible ones, so previews match ai-toolkit's
-bf16 samples only if every rounding step is the same. The differences that matter, each measured on
-the bf16 goldens (c12/c13):
+bf16 samples only if every rounding step is the same. The differences that matter, as measured on
+the goldens:
 
 - QK RMSNorm: torch.nn.RMSNorm multiplies by the scale in float32 and rounds once; BFL rounds the
   normalised value to the model dtype first, then multiplies by the scale (a second rounding).
-- RoPE tables: diffusers computes the angles in float64 on CPU; BFL in float32.
-- VAE: BFL's swish is x * sigmoid(x), not the fused SiLU kernel, and its attention block projects with
-  1x1 convolutions (diffusers: Linear layers), feeding the output projection a channels-last view.
+  Without this c12 is 7/255 off.
+- VAE: BFL's swish is x * sigmoid(x), not the fused SiLU kernel (8/255 without it), and its attention
+  block projects with 1x1 convolutions where diffusers uses Linear layers (6/255 without it).
+- RoPE tables: diffusers computes the angles in float64 on CPU, BFL in float32. No bf16 prediction
+  tried changed with it, but the float32 goldens go from 1/255 to bit-exact.
 
 The patches keep every parameter object and name, so LoRA merging and snapshots are unaffected.
 """
@@ -76,7 +78,6 @@ class ConvAttnProcessor:
         out = F.scaled_dot_product_attention(tokens(project(attn.to_q, normed)),
                                              tokens(project(attn.to_k, normed)),
                                              tokens(project(attn.to_v, normed)))
-        # Left as a strided view (not copied back to NCHW): the convolution's rounding depends on it.
         out = out.reshape(batch, height, width, channels).permute(0, 3, 1, 2)
         return hidden_states + project(attn.to_out[0], out)
 
