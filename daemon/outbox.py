@@ -14,13 +14,13 @@ import io
 import json
 import math
 import os
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
+from previewd.fileio import atomic_write
 from previewd.tasks import OutputTarget
 
 MANIFEST = "manifest.json"
@@ -29,21 +29,6 @@ PAGE = "index.html"
 MANIFEST_VERSION = 1
 _CELL = 256
 _LABEL_H = 18
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 @contextlib.contextmanager

@@ -11,12 +11,13 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import yaml
 from pydantic import ValidationError
 
-from previewd.errors import ControlImageError, IntakeError
+from previewd.errors import IntakeError
+from previewd.intake.controls import ControlResolver, ResolveImage
 from previewd.intake.paths import is_url, resolve_path
 from previewd.intake.prompt_flags import (PromptFlagError, aitk_seeds, floor_size, inject_trigger,
                                           parse_prompt_flags)
@@ -53,14 +54,6 @@ _ARCHES = {
                                                       "2511": "qwen_image_edit_plus_2511"}),
     "flux2": ("flux2", {}),
 }
-
-
-class ResolvedImage(Protocol):
-    path: Any
-    sha256: str | None
-
-
-ResolveImage = Callable[[str, Path, str], ResolvedImage]
 
 
 @dataclass(frozen=True)
@@ -377,24 +370,11 @@ def specs_for_checkpoint(job: AitkJob, lora_path: str, *, parity: str, resolve_i
     Raises IntakeError(job.config_path, "aitk-job", problems) listing every image that failed.
     """
     problems: list[str] = []
-    resolved: dict[str, ControlImage | str] = {}
+    resolver = ControlResolver(resolve_image, job.job_dir)
     renders = []
     for sample in job.samples:
-        where = f"{SAMPLE}.samples[{sample.index}]"
-        controls = []
-        for slot, src in sample.control:
-            if src not in resolved:
-                field = f"{where}.{slot}"
-                try:
-                    image = resolve_image(src, job.job_dir, field)
-                    resolved[src] = ControlImage(slot="ctrl_img", path=str(image.path), sha256=image.sha256)
-                except ControlImageError as exc:
-                    resolved[src] = str(exc).removeprefix(f"{field}: ")
-            got = resolved[src]
-            if isinstance(got, str):
-                problems.append(f"{where}.{slot}: {got}")
-            else:
-                controls.append(got.model_copy(update={"slot": slot}))
+        controls, failed = resolver.resolve(f"{SAMPLE}.samples[{sample.index}]", sample.control)
+        problems += failed
         lora = LoraSpec(path=lora_path, network_multiplier=sample.network_multiplier, sha256=lora_sha256)
         spec = _spec(job.model, parity, sample, job.aitk, lora, tuple(controls))
         renders.append((sample.index, spec))

@@ -10,9 +10,7 @@ import base64
 import binascii
 import hashlib
 import io
-import os
 import re
-import tempfile
 import urllib.error
 import urllib.request
 import warnings
@@ -22,6 +20,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from previewd.errors import ControlImageError
+from previewd.fileio import atomic_write
 from previewd.intake.paths import is_url, outside_roots_message, resolve_path, within
 
 _DATA_URI = re.compile(r"^data:([^;,]*)(;[^,]*)?,", re.IGNORECASE)
@@ -156,17 +155,7 @@ class ControlImageStore:
         digest = hashlib.sha256(data).hexdigest()
         target = self.store_dir / f"{digest}.{ext}"
         if not target.exists():
-            self.store_dir.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.store_dir, prefix=".tmp-", suffix=f".{ext}")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, target)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            atomic_write(target, data)
         return StoredImage(path=str(target), sha256=digest, width=width, height=height)
 
 

@@ -17,12 +17,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from previewd.errors import ControlImageError, IntakeError
-from previewd.intake.aitoolkit import ResolveImage
+from previewd.errors import IntakeError
+from previewd.intake.controls import ControlResolver, ResolveImage
 from previewd.intake.paths import is_url, outside_roots_message, resolve_path, within
 from previewd.intake.prompt_flags import PromptFlagError, aitk_seeds, floor_size, parse_prompt_flags
 from previewd.pipelines.models import validate_spec
-from previewd.spec import (DEFAULT_GUIDANCE, DEFAULT_SEED, DEFAULT_STEPS, MODEL_IDS, AitkOptions, ControlImage,
+from previewd.spec import (DEFAULT_GUIDANCE, DEFAULT_SEED, DEFAULT_STEPS, MODEL_IDS, AitkOptions,
                            LoraSpec, ModelId, Parity, RenderSpec)
 
 KIND = "request"
@@ -192,7 +192,7 @@ def read_request(path: Path, *, allowed_roots: list[Path], default_parity: Parit
     options = AitkOptions(do_cfg_norm=req.aitk.do_cfg_norm, vae_tiling=req.aitk.vae_tiling)
 
     renders = []
-    resolved: dict[str, ControlImage | str] = {}
+    resolver = ControlResolver(resolve_image, base_dir)
     for i, item in enumerate(req.prompts):
         where = f"prompts.{i}"
         settings = _prompt_settings(item, req.trigger_word, req.aitk.parse_prompt_flags, seeds[i], where, problems)
@@ -202,24 +202,8 @@ def read_request(path: Path, *, allowed_roots: list[Path], default_parity: Parit
         sources = {slot: getattr(item, slot) for slot in ("ctrl_img", "ctrl_img_1", "ctrl_img_2", "ctrl_img_3")}
         if flag_ctrl is not None:
             sources["ctrl_img"] = flag_ctrl
-        controls = []
-        failed = False
-        for slot, src in sources.items():
-            if src is None:
-                continue
-            if src not in resolved:
-                name = f"{where}.{slot}"
-                try:
-                    image = resolve_image(src, base_dir, name)
-                    resolved[src] = ControlImage(slot="ctrl_img", path=str(image.path), sha256=image.sha256)
-                except ControlImageError as exc:
-                    resolved[src] = str(exc).removeprefix(f"{name}: ")
-            got = resolved[src]
-            if isinstance(got, str):
-                problems.append(f"{where}.{slot}: {got}")
-                failed = True
-            else:
-                controls.append(got.model_copy(update={"slot": slot}))
+        controls, failed = resolver.resolve(where, sources.items())
+        problems += failed
         if failed:
             # validate_spec would only repeat "requires a control image" for the one that failed.
             continue
