@@ -220,3 +220,30 @@ def test_a_killed_daemon_finishes_every_job_exactly_once(tmp_path: Path, tiny_qw
     manifest = json.loads((tmp_path / "outbox" / "slow" / "manifest.json").read_text())
     assert sorted(r["prompt_index"] for r in manifest["renders"]) == [0, 1]
     assert len(_renders(tmp_path / "outbox" / "slow")) == 2
+
+
+def test_render_command_renders_one_request_without_the_daemon(tmp_path: Path, tiny_qwen: Path) -> None:
+    from previewd.pipelines.tiny_models import write_random_lora
+
+    config = tmp_path / "config.yaml"
+    config.write_text(render_config(tiny_models_dir=str(tiny_qwen.parent)))
+    # `render` is the user's own command: it may read files outside the inbox.
+    lora = write_random_lora(tiny_qwen, tmp_path / "anywhere" / "mine_000000750.safetensors", seed=3, step=750)
+    request = tmp_path / "anywhere" / "one.yaml"
+    request.write_text(f"model: qwen_image_2512\nprompts:\n  - prompt: a cat\n    width: 64\n    height: 64\n"
+                       f"    sample_steps: 2\n  - prompt: a dog\n    width: 64\n    height: 64\n    sample_steps: 2\n"
+                       f"loras:\n  - path: {lora}\n")
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "previewd", "render", "-c", str(config), str(request),
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.split() == [str(out / "000000750_00.png"), str(out / "000000750_01.png")]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [r["prompt"] for r in manifest["renders"]] == ["a cat", "a dog"]
+    assert all(r["step"] == 750 and r["checkpoint"] == "mine_000000750.safetensors" for r in manifest["renders"])
+    assert not (tmp_path / "state" / "previewd.db").exists(), "render must not touch the queue"
+
+    request.write_text("model: qwen_image_2512\nprompts: []\n")
+    failed = subprocess.run([sys.executable, "-m", "previewd", "render", "-c", str(config), str(request)],
+                            capture_output=True, text=True, timeout=300)
+    assert failed.returncode == 1 and "prompts" in failed.stderr
