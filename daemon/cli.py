@@ -132,8 +132,12 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "prompt_index": target.get("prompt_index"), "out_dir": target.get("out_dir"),
                 "last_error": job.last_error}
 
+    from previewd.dispatch import rejected_inputs
+
     report = {"counts": counts, "running": [job_view(j) for j in running],
               "failed": [job_view(j) for j in failed],
+              "rejected_inputs": [{"path": str(path), "reason": reason}
+                                  for path, reason in rejected_inputs(list(config.watch_roots))],
               "workers": [{"id": w.id, "last_heartbeat": w.last_heartbeat.isoformat() if w.last_heartbeat else None,
                            "current_job": w.current_job_id} for w in workers]}
     if args.json:
@@ -147,6 +151,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     for job in report["failed"]:
         print(f"failed  #{job['id']} {job['model']} {job['checkpoint'] or 'base'} prompt {job['prompt_index']} "
               f"after {job['attempts']} attempt(s): {job['last_error']}")
+    for rejected in report["rejected_inputs"]:
+        print(f"rejected {rejected['reason']}")
     for worker in report["workers"]:
         print(f"worker {worker['id']}: last heartbeat {worker['last_heartbeat']}, job {worker['current_job']}")
     return EXIT_OK

@@ -45,8 +45,22 @@ class IntakeOutcome:
     duplicates: int = 0
 
 
+ERROR_SUFFIX = ".error.txt"
+_ERROR_HEADER = "previewd could not use this file."
+
+
 def error_file(path: Path) -> Path:
-    return path.with_name(path.name + ".error.txt")
+    return path.with_name(path.name + ERROR_SUFFIX)
+
+
+def rejected_inputs(roots: list[Path]) -> list[tuple[Path, str]]:
+    """Inputs that currently carry an error file, with the reason, for `previewd status`."""
+    found = []
+    for root in roots:
+        for marker in sorted(root.rglob(f"*{ERROR_SUFFIX}")):
+            reason = marker.read_text(errors="replace").removeprefix(_ERROR_HEADER).strip().split("\n\n")[0]
+            found.append((marker.with_name(marker.name.removesuffix(ERROR_SUFFIX)), reason))
+    return found
 
 
 class Dispatcher:
@@ -189,7 +203,7 @@ class Dispatcher:
         return outcome
 
     def _reject(self, path: Path, exc: PreviewdError) -> None:
-        text = f"previewd could not use this file.\n\n{exc}\n\nFix the file (or replace it) and previewd reads it again.\n"
+        text = f"{_ERROR_HEADER}\n\n{exc}\n\nFix the file (or replace it) and previewd reads it again.\n"
         log.error("%s", exc)
         try:
             target = error_file(path)

@@ -147,6 +147,10 @@ def test_daemon_renders_run_and_request_once(tmp_path: Path, tiny_qwen: Path) ->
 
     error = (inbox / "bad.yaml.error.txt").read_text()
     assert "prompts.0.width" in error and "colour" in error
+    status = json.loads(subprocess.run([sys.executable, "-m", "previewd", "status", "-c", str(config), "--json"],
+                                       capture_output=True, text=True, check=True).stdout)
+    assert status["counts"]["done"] == 5 and status["counts"]["failed"] == 0
+    assert [r["path"] for r in status["rejected_inputs"]] == [str(inbox / "bad.yaml")]
 
     before = {p.name: p.stat().st_mtime_ns for p in _renders(previews)}
     restarted = _start(config, log, "--exit-when-idle")

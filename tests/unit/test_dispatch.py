@@ -5,7 +5,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from previewd.config import load_config
-from previewd.dispatch import Dispatcher, error_file
+from previewd.dispatch import Dispatcher, error_file, rejected_inputs
 from previewd.instance import EXAMPLE_RUN, render_config
 from previewd.queue import JobStore
 from previewd.tasks import RenderTask
@@ -104,10 +104,12 @@ def test_bad_request_gets_an_error_file_until_it_is_fixed(setup):
     dispatcher.handle(request)
     text = error_file(request).read_text()
     assert "prompts.0.sample_step" in text and "sample_steps" in text
+    [(path, reason)] = rejected_inputs([config.inbox])
+    assert path == request and "prompts.0.sample_step" in reason
     request.write_text("model: qwen_image_2512\nprompts:\n  - prompt: hi\n    sample_steps: 3\n"
                        "loras:\n  - path: example_lora/example_lora_000000250.safetensors\n")
     dispatcher.handle(request)
-    assert not error_file(request).exists()
+    assert not error_file(request).exists() and rejected_inputs([config.inbox]) == []
     [job] = store.list_jobs()
     task = RenderTask.model_validate(job.payload)
     assert task.target.out_dir == str(config.outbox_root / "req") and task.target.step is None
