@@ -149,11 +149,13 @@ class Dispatcher:
         renders = aitoolkit.specs_for_checkpoint(job, str(snap), parity=self._config.parity,
                                                  resolve_image=self._images.resolve)
         out_dir = job.job_dir / self._config.output.dirname
+        gaps = tuple(aitoolkit.parity_gaps(job))
         tasks = [
             RenderTask(spec=_with_snapshot(spec, digest), target=OutputTarget(
                 out_dir=str(out_dir), image_name=image_name(step, path.name, index, self._config.output.format),
                 title=job.name, source=str(job.config_path), checkpoint=path.name, step=step,
-                prompt_index=index, format=self._config.output.format, job_dir=str(job.job_dir)))
+                prompt_index=index, format=self._config.output.format, job_dir=str(job.job_dir),
+                parity_gaps=gaps))
             for index, spec in renders
         ]
         return self._enqueue(path, tasks)

@@ -116,7 +116,8 @@ def write_render(target: OutputTarget, image: Image.Image, entry: dict[str, Any]
     with _locked(out_dir):
         manifest = read_manifest(out_dir) or {"version": MANIFEST_VERSION, "renders": []}
         manifest.update(title=target.title, source=target.source, job_dir=target.job_dir,
-                        model=entry.get("model"), updated_at=entry["rendered_at"])
+                        model=entry.get("model"), updated_at=entry["rendered_at"],
+                        parity_gaps=list(target.parity_gaps))
         manifest["renders"] = [r for r in manifest["renders"] if r["image"] != target.image_name] + [entry]
         _summarise(manifest)
         atomic_write(out_dir / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
@@ -171,7 +172,7 @@ body{font:14px system-ui,sans-serif;margin:1.5em;background:#fafafa;color:#222}
 table{border-collapse:collapse}td,th{border:1px solid #ddd;padding:4px;vertical-align:top;background:#fff}
 th{font-weight:600;text-align:left;max-width:280px}img{max-width:256px;display:block}
 .pair{display:flex;gap:4px}.pair figure{margin:0}figcaption{font-size:11px;color:#666}
-.meta{font-size:11px;color:#666}#step{width:320px}
+.meta{font-size:11px;color:#666}#step{width:320px}.gap{color:#8a5a00;margin:.2em 0}
 """
 
 _PAGE_JS = """
@@ -216,7 +217,8 @@ def render_page(manifest: dict[str, Any]) -> str:
             f"<style>{_PAGE_CSS}</style></head><body><h1>{title}</h1>"
             f"<p class='meta'>model {esc(str(manifest.get('model')))} · updated {esc(str(manifest.get('updated_at')))}"
             f" · <a href='{MANIFEST}'>manifest.json</a> · <a href='{GRID}'>grid.png</a></p>"
-            f"<p><input type='range' id='step' min='0' value='0'> <span id='stepLabel'></span> "
+            + "".join(f"<p class='gap'>&#9888; {esc(gap)}</p>" for gap in manifest.get("parity_gaps") or [])
+            + f"<p><input type='range' id='step' min='0' value='0'> <span id='stepLabel'></span> "
             f"<button id='all'>all steps</button></p>"
             f"<table><thead><tr><th>checkpoint</th>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
             f"<script>{_PAGE_JS}</script></body></html>")

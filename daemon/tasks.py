@@ -27,6 +27,8 @@ class OutputTarget(BaseModel):
     format: Literal["png", "jpg"] = "png"
     job_dir: str | None = None
     """For training runs: the run folder, where ai-toolkit's own samples/ live."""
+    parity_gaps: tuple[str, ...] = ()
+    """Known reasons the run's own samples may differ from this render (not part of the job's identity)."""
 
 
 class RenderTask(BaseModel):

@@ -413,6 +413,25 @@ def checkpoint_step(job: AitkJob, path: Path, header_metadata: dict[str, Any] | 
     return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
+def parity_gaps(job: AitkJob) -> list[str]:
+    """Known reasons this run's own samples can differ from previewd's renders (aitk-sampling.md §C.4-5)."""
+    s = job.settings
+    gaps = []
+    if s["quantize"]:
+        gaps.append(f"ai-toolkit sampled a {s['qtype'] or 'qfloat8'}-quantised transformer with the LoRA unmerged; "
+                    "previewd renders the unquantised model, so small differences are expected")
+    elif not s["lora_merged"]:
+        gaps.append("ai-toolkit sampled with the LoRA unmerged (layer offloading or mixed multipliers); "
+                    "previewd merges it")
+    if s["quantize_te"]:
+        gaps.append(f"ai-toolkit's text encoder was quantised ({s['qtype_te'] or s['qtype'] or 'qfloat8'}); "
+                    "previewd's is not unless models.<id>.quantize_text_encoder says so")
+    if s["save_dtype"] not in (None, "fp32", "float32"):
+        gaps.append(f"checkpoints are saved in {s['save_dtype']}; ai-toolkit samples with the live training "
+                    "weights, previewd with the saved ones")
+    return gaps
+
+
 def find_aitk_sample(job_dir: Path, step: int, index: int) -> Path | None:
     """ai-toolkit's own sample `<job_dir>/samples/<ms>__<step:09d>_<index>.<ext>`, newest set first.
 

@@ -138,3 +138,13 @@ def test_ignore_skips_own_outputs_samples_and_temporaries(setup):
                           (config.inbox / "up.tmp", True), (config.state_dir / "assets" / "a.png", True),
                           (config.inbox / "a.yaml", False), (run / "run_000000250.safetensors", False)]:
         assert dispatcher.ignore(path) is ignored, path
+
+
+def test_known_parity_gaps_of_a_run_travel_with_its_jobs(setup):
+    config, store, dispatcher = setup
+    run = _run(config)
+    (run / "config.yaml").write_text((run / "config.yaml").read_text().replace("quantize: false", "quantize: true"))
+    dispatcher.handle(_checkpoint(run / "example_lora_000000250.safetensors"))
+    gaps = RenderTask.model_validate(store.list_jobs()[0].payload).target.parity_gaps
+    assert any("quantised transformer with the LoRA unmerged" in gap for gap in gaps)
+    assert any("saved in bf16" in gap for gap in gaps)

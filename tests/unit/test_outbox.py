@@ -76,3 +76,10 @@ def test_page_shows_renders_and_aitk_samples_side_by_side(tmp_path):
 def test_compare_reports_size_mismatch(tmp_path):
     Image.new("RGB", (32, 32)).save(tmp_path / "s.png")
     assert "size differs" in outbox.compare(Image.new("RGB", (64, 64)), tmp_path / "s.png")["error"]
+
+
+def test_parity_gaps_reach_the_manifest_and_page(tmp_path):
+    target = _target(tmp_path, 250, 0).model_copy(update={"parity_gaps": ("quantised <transformer>",)})
+    outbox.write_render(target, Image.new("RGB", (64, 64)), _entry(0))
+    assert json.loads((tmp_path / "manifest.json").read_text())["parity_gaps"] == ["quantised <transformer>"]
+    assert "quantised &lt;transformer&gt;" in (tmp_path / "index.html").read_text()
