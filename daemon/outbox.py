@@ -170,7 +170,7 @@ def render_grid(out_dir: Path, manifest: dict[str, Any]) -> bytes:
 _PAGE_CSS = """
 body{font:14px system-ui,sans-serif;margin:1.5em;background:#fafafa;color:#222}
 table{border-collapse:collapse}td,th{border:1px solid #ddd;padding:4px;vertical-align:top;background:#fff}
-th{font-weight:600;text-align:left;max-width:280px}img{max-width:256px;display:block}
+th{font-weight:600;text-align:left;max-width:280px}img{width:256px;height:auto;display:block}
 .pair{display:flex;gap:4px}.pair figure{margin:0}figcaption{font-size:11px;color:#666}
 .meta{font-size:11px;color:#666}#step{width:320px}.gap{color:#8a5a00;margin:.2em 0}
 """
@@ -179,7 +179,7 @@ _PAGE_JS = """
 const rows=[...document.querySelectorAll('tbody tr')];
 const slider=document.getElementById('step');const out=document.getElementById('stepLabel');
 function show(i){rows.forEach((r,j)=>r.style.display=(slider.dataset.all==='1'||j==i)?'':'none');
-out.textContent=rows[i]?rows[i].dataset.label:'';}
+out.textContent=slider.dataset.all==='1'?'all steps':(rows[i]?rows[i].dataset.label:'');}
 if(slider){slider.max=Math.max(rows.length-1,0);slider.value=slider.max;slider.dataset.all='1';
 slider.oninput=()=>{slider.dataset.all='0';show(+slider.value)};
 document.getElementById('all').onclick=()=>{slider.dataset.all='1';show(+slider.value)};show(+slider.value);}
