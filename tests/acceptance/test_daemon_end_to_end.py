@@ -251,3 +251,35 @@ def test_render_command_renders_one_request_without_the_daemon(tmp_path: Path, t
     failed = subprocess.run([sys.executable, "-m", "previewd", "render", "-c", str(config), str(request)],
                             capture_output=True, text=True, timeout=300)
     assert failed.returncode == 1 and "prompts" in failed.stderr
+
+
+def test_two_workers_share_one_queue_and_render_each_image_once(tmp_path: Path, tiny_qwen: Path) -> None:
+    """Scale-out on one host: two daemons on one config (one per GPU) watch the same inbox."""
+    from previewd.config import load_config
+    from previewd.pipelines.tiny_models import write_random_lora
+    from previewd.queue import JobState, JobStore
+
+    config = tmp_path / "config.yaml"
+    config.write_text(render_config(tiny_models_dir=str(tiny_qwen.parent), settle_seconds=0.5,
+                                    idle_poll_seconds=0.2))
+    inbox = tmp_path / "inbox"
+    run = inbox / "example_lora"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(EXAMPLE_RUN.format(training_folder=inbox).replace(
+        "sample_steps: 4", "sample_steps: 30"))
+    for step in (250, 500, 750):
+        write_random_lora(tiny_qwen, run / f"example_lora_{step:09d}.safetensors", seed=step, step=step)
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    workers = [_start(config, log, "--exit-when-idle") for log in logs]
+    for worker, log in zip(workers, logs):
+        assert worker.wait(timeout=300) == 0, log.read_text()[-4000:]
+
+    with JobStore(load_config(config).db_url) as store:
+        jobs = store.list_jobs()
+        assert len(jobs) == 6 and {job.state for job in jobs} == {JobState.DONE}
+        for job in jobs:
+            claims = [e for e in store.events(job.id) if e.to_state == JobState.RUNNING]
+            assert len(claims) == 1, f"job {job.id} was claimed {len(claims)} times"
+    manifest = json.loads((run / "previews" / "manifest.json").read_text())
+    assert sorted((r["step"], r["prompt_index"]) for r in manifest["renders"]) == [
+        (step, i) for step in (250, 500, 750) for i in (0, 1)]
