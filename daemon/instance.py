@@ -60,7 +60,7 @@ worker:
   idle_poll_seconds: {idle_poll_seconds}
   # On CUDA, wait until this much GPU memory (GiB) is free before loading a model.
   min_free_vram_gb: 0
-  # How long a stopping daemon waits for the current step (seconds).
+  # How long a stopping daemon waits for the current step before it exits anyway (seconds).
   shutdown_timeout_seconds: 30
 
 output:

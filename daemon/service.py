@@ -39,6 +39,7 @@ class Service:
         self.exit_when_idle = exit_when_idle
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.should_exit = threading.Event()
+        self._stopped = threading.Event()
         self.force_exit = False
         self._store = JobStore(config.db_url)
         self._renderer = renderer or Renderer(config)
@@ -72,6 +73,7 @@ class Service:
         for job in self._store.requeue_expired():
             log.warning("job %d: its worker vanished; now %s", job.id, job.state.value)
         self._watcher.start()
+        threading.Thread(target=self._guard_shutdown, name="previewd-shutdown-guard", daemon=True).start()
         log.info("watching %s; database %s", ", ".join(map(str, self.config.watch_roots)),
                  make_url(self.config.db_url).render_as_string(hide_password=True))
         notify("READY=1", "STATUS=watching for checkpoints")
@@ -103,10 +105,12 @@ class Service:
 
     def shutdown(self) -> None:
         notify("STOPPING=1")
+        self.should_exit.set()
         self._watcher.stop()
         self._renderer.close()
         self._store.unregister_worker(self.worker_id)
         self._store.close()
+        self._stopped.set()
 
     # -- helpers ------------------------------------------------------------------------------
     def _idle(self) -> bool:
@@ -122,6 +126,17 @@ class Service:
             f"{counts.get(JobState.QUEUED, 0)} queued, {counts.get(JobState.DONE, 0)} done, " \
             f"{counts.get(JobState.FAILED, 0)} failed"
         notify("WATCHDOG=1", f"STATUS={status}")
+
+    def _guard_shutdown(self) -> None:
+        """A stop request waits for the current diffusion step; a model load or a hung device call
+        cannot be interrupted, so past the time limit the process exits and the job's lease lapses
+        (another start takes it up again)."""
+        self.should_exit.wait()
+        if self._stopped.wait(self.config.worker.shutdown_timeout_seconds):
+            return
+        log.error("still busy %.0fs after the stop request: exiting now; the running job is taken up "
+                  "again when its lease expires", self.config.worker.shutdown_timeout_seconds)
+        os._exit(1)
 
     def _handle_exit(self, signum: int, frame: FrameType | None) -> None:
         if self.should_exit.is_set():

@@ -283,3 +283,59 @@ def test_two_workers_share_one_queue_and_render_each_image_once(tmp_path: Path, 
     manifest = json.loads((run / "previews" / "manifest.json").read_text())
     assert sorted((r["step"], r["prompt_index"]) for r in manifest["renders"]) == [
         (step, i) for step in (250, 500, 750) for i in (0, 1)]
+
+
+_STUCK_DAEMON = """
+import sys, time
+from pathlib import Path
+from previewd.config import load_config
+from previewd.scheduler import Renderer
+from previewd.service import Service
+from previewd.tasks import OutputTarget, RenderTask
+from previewd.spec import RenderSpec
+from previewd.queue import JobStore
+
+class StuckPipeline:  # a model load that cannot be interrupted
+    device = "cpu"
+    def __init__(self, *args, **kwargs): pass
+    def load(self): time.sleep(120)
+    def unload(self): pass
+
+config = load_config(sys.argv[1])
+config.state_dir.mkdir(parents=True, exist_ok=True)
+with JobStore(config.db_url) as store:
+    store.create_schema()
+    task = RenderTask(spec=RenderSpec(model="flux2", prompt="x"),
+                      target=OutputTarget(out_dir=str(config.outbox_root), image_name="x.png", title="t",
+                                          source="s", prompt_index=0))
+    store.enqueue(key="k", payload=task.model_dump(mode="json"), model="flux2", group="g")
+sys.exit(Service(config, renderer=Renderer(config, factory=StuckPipeline)).run())
+"""
+
+
+def test_stop_request_has_a_time_limit(tmp_path: Path) -> None:
+    """SIGTERM while a model loads (not interruptible): exit after worker.shutdown_timeout_seconds."""
+    from previewd.config import load_config
+    from previewd.queue import JobState, JobStore
+
+    config = tmp_path / "config.yaml"
+    config.write_text(render_config(idle_poll_seconds=0.2).replace("shutdown_timeout_seconds: 30",
+                                                                   "shutdown_timeout_seconds: 1"))
+    log = tmp_path / "daemon.log"
+    proc = subprocess.Popen([sys.executable, "-c", _STUCK_DAEMON, str(config)], stdout=open(log, "wb"),
+                            stderr=subprocess.STDOUT)
+    db = load_config(config).db_url
+
+    def claimed() -> bool:
+        try:
+            with JobStore(db) as store:
+                return bool(store.list_jobs(states=[JobState.RUNNING]))
+        except Exception:  # the schema may not exist yet
+            return False
+
+    _wait_for(claimed, 60, "the job to be claimed", proc, log)
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 1
+    assert time.monotonic() - started < 10
+    assert "exiting now" in log.read_text()
