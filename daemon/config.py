@@ -49,6 +49,8 @@ class OutputConfig(_Strict):
     """Folder created inside a training run for its previews."""
     grid: bool = True
     html: bool = True
+    baseline: bool = False
+    """Also render each run's prompts on the base model (no LoRA), like ai-toolkit's step-0 sample."""
 
 
 class ModelConfig(_Strict):

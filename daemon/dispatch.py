@@ -24,7 +24,7 @@ from previewd.intake import aitoolkit, request as requests
 from previewd.intake.images import ControlImageStore
 from previewd.intake.safetensors_header import SafetensorsHeaderError, is_complete, read_header
 from previewd.queue.store import JobStore
-from previewd.spec import LoraSpec, RenderSpec
+from previewd.spec import LoraSpec
 from previewd.tasks import OutputTarget, RenderTask, image_name
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ class Dispatcher:
         self._clear_error(config_path)
         for warning in job.warnings:
             self._once(config_path, warning)
-        outcomes = []
+        outcomes = [self._queue_renders(job, None)] if self._config.output.baseline else []
         for checkpoint in sorted(job.job_dir.glob("*.safetensors")):
             if aitoolkit.is_checkpoint(job, checkpoint) and is_complete(checkpoint):
                 outcomes.append(self._queue_checkpoint(job, checkpoint))
@@ -143,22 +143,30 @@ class Dispatcher:
         return True
 
     def _queue_checkpoint(self, job: aitoolkit.AitkJob, path: Path) -> IntakeOutcome:
-        snap, digest = snapshots.snapshot(path, self._config.snapshot_dir)
-        _header, metadata = read_header(snap)
-        step = aitoolkit.checkpoint_step(job, path, metadata)
-        renders = aitoolkit.specs_for_checkpoint(job, str(snap), parity=self._config.parity,
-                                                 resolve_image=self._images.resolve)
+        return self._queue_renders(job, path)
+
+    def _queue_renders(self, job: aitoolkit.AitkJob, path: Path | None) -> IntakeOutcome:
+        """One job per sample prompt for checkpoint `path`, or for the base model (step 0) when None."""
+        snap = digest = None
+        step = 0
+        if path is not None:
+            snap, digest = snapshots.snapshot(path, self._config.snapshot_dir)
+            _header, metadata = read_header(snap)
+            step = aitoolkit.checkpoint_step(job, path, metadata)
+        renders = aitoolkit.specs_for_checkpoint(job, str(snap) if snap else None, parity=self._config.parity,
+                                                 resolve_image=self._images.resolve, lora_sha256=digest)
         out_dir = job.job_dir / self._config.output.dirname
         gaps = tuple(aitoolkit.parity_gaps(job))
+        name = path.name if path else None
+        fmt = self._config.output.format
         tasks = [
-            RenderTask(spec=_with_snapshot(spec, digest), target=OutputTarget(
-                out_dir=str(out_dir), image_name=image_name(step, path.name, index, self._config.output.format),
-                title=job.name, source=str(job.config_path), checkpoint=path.name, step=step,
-                prompt_index=index, format=self._config.output.format, job_dir=str(job.job_dir),
-                parity_gaps=gaps))
+            RenderTask(spec=spec, target=OutputTarget(
+                out_dir=str(out_dir), image_name=image_name(step, name, index, fmt), title=job.name,
+                source=str(job.config_path), checkpoint=name, step=step, prompt_index=index, format=fmt,
+                job_dir=str(job.job_dir), parity_gaps=gaps))
             for index, spec in renders
         ]
-        return self._enqueue(path, tasks)
+        return self._enqueue(path or job.config_path, tasks)
 
     # -- requests ---------------------------------------------------------------------------
     def plan_request(self, path: Path, *, trusted: bool = False, out_dir: Path | None = None) -> list[RenderTask]:
@@ -233,6 +241,3 @@ def _lora_step(path: Path) -> int | None:
     return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
-def _with_snapshot(spec: RenderSpec, digest: str) -> RenderSpec:
-    assert spec.lora is not None
-    return spec.model_copy(update={"lora": spec.lora.model_copy(update={"sha256": digest})})

@@ -71,6 +71,9 @@ output:
   # Also write grid.png (rows: checkpoints, columns: prompts) and index.html.
   grid: true
   html: true
+  # Also render each training run's prompts on the base model (no LoRA), like ai-toolkit's
+  # step-0 baseline sample: a "base model" row in the grid.
+  baseline: false
 
 # Where each model's weights come from: a hub id (read from your Hugging Face cache; previewd
 # never downloads) or a local diffusers-layout folder. text_encoder: optional separate source

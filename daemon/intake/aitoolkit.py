@@ -363,9 +363,11 @@ def _spec_problems(where: str, build: Callable[[], RenderSpec]) -> list[str]:
     return [f"{where}.{p}" for p in validate_spec(spec)]
 
 
-def specs_for_checkpoint(job: AitkJob, lora_path: str, *, parity: str, resolve_image: ResolveImage,
+def specs_for_checkpoint(job: AitkJob, lora_path: str | None, *, parity: str, resolve_image: ResolveImage,
                          lora_sha256: str | None = None) -> list[tuple[int, RenderSpec]]:
     """One (sample index, RenderSpec) per sample prompt, control images snapshotted via `resolve_image`.
+
+    `lora_path` None renders the base model: ai-toolkit's step-0 baseline sample.
 
     Raises IntakeError(job.config_path, "aitk-job", problems) listing every image that failed.
     """
@@ -375,7 +377,8 @@ def specs_for_checkpoint(job: AitkJob, lora_path: str, *, parity: str, resolve_i
     for sample in job.samples:
         controls, failed = resolver.resolve(f"{SAMPLE}.samples[{sample.index}]", sample.control)
         problems += failed
-        lora = LoraSpec(path=lora_path, network_multiplier=sample.network_multiplier, sha256=lora_sha256)
+        lora = None if lora_path is None else LoraSpec(
+            path=lora_path, network_multiplier=sample.network_multiplier, sha256=lora_sha256)
         spec = _spec(job.model, parity, sample, job.aitk, lora, tuple(controls))
         renders.append((sample.index, spec))
     if problems:

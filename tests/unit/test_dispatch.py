@@ -148,3 +148,19 @@ def test_known_parity_gaps_of_a_run_travel_with_its_jobs(setup):
     gaps = RenderTask.model_validate(store.list_jobs()[0].payload).target.parity_gaps
     assert any("quantised transformer with the LoRA unmerged" in gap for gap in gaps)
     assert any("saved in bf16" in gap for gap in gaps)
+
+
+def test_baseline_renders_the_base_model_once_per_run(tmp_path):
+    (tmp_path / "config.yaml").write_text(render_config().replace("baseline: false", "baseline: true"))
+    config = load_config(tmp_path / "config.yaml")
+    config.inbox.mkdir()
+    config.state_dir.mkdir()
+    with JobStore(config.db_url) as store:
+        store.create_schema()
+        dispatcher = Dispatcher(config, store)
+        run = _run(config)
+        dispatcher.handle(run / "config.yaml")
+        dispatcher.handle(run / "config.yaml")
+        tasks = [RenderTask.model_validate(j.payload) for j in store.list_jobs()]
+    assert [(t.target.image_name, t.target.step, t.target.checkpoint, t.spec.lora) for t in tasks] == [
+        ("base_00.png", 0, None, None), ("base_01.png", 0, None, None)]
