@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from previewd import outbox
 from previewd.config import Config
-from previewd.errors import JobStateError, PipelineError, RenderInterrupted
+from previewd.errors import JobStateError, PipelineError, PipelineOutOfMemory, RenderInterrupted
 from previewd.intake.aitoolkit import find_aitk_sample
 from previewd.queue import Job, JobState, JobStore
 from previewd.retry import RetryPolicy
@@ -79,8 +79,18 @@ class Renderer:
             time.sleep(self._config.worker.idle_poll_seconds)
 
     def render(self, task: RenderTask, *, on_step=None, should_stop=None) -> RenderResult:
-        pipeline = self._get(task.spec.model)
-        result = pipeline.render(task.spec, on_step=on_step, should_stop=should_stop)
+        try:
+            pipeline = self._get(task.spec.model)
+            result = pipeline.render(task.spec, on_step=on_step, should_stop=should_stop)
+        except Exception as exc:
+            # torch.OutOfMemoryError, matched by name so this module stays free of torch. Training
+            # shares the GPU: give the memory back and let the retry wait for it.
+            if isinstance(exc, PipelineOutOfMemory) or type(exc).__name__ == "OutOfMemoryError":
+                self.close()
+                if isinstance(exc, PipelineOutOfMemory):
+                    raise
+                raise PipelineOutOfMemory(f"{task.spec.model}: out of device memory: {exc}") from exc
+            raise
         self.lora_sha = task.spec.lora.sha256 if task.spec.lora else None
         return result
 

@@ -1,0 +1,116 @@
+"""Scheduler and Renderer with a stand-in pipeline: the queue side of rendering (the real
+pipelines are exercised in tests/pipelines and tests/acceptance)."""
+
+import threading
+
+import pytest
+import torch
+from PIL import Image
+
+from previewd.config import load_config
+from previewd.errors import LoraError, PipelineOutOfMemory
+from previewd.instance import render_config
+from previewd.queue import JobState, JobStore
+from previewd.scheduler import Renderer, Scheduler
+from previewd.spec import RenderResult, RenderSpec
+from previewd.tasks import OutputTarget, RenderTask
+
+
+class StandIn:
+    """Records calls; `fail_with` makes the next render raise."""
+
+    instances: list["StandIn"] = []
+    fail_with: BaseException | None = None
+
+    def __init__(self, model_id, source, *, device, dtype):
+        self.model_id, self.device, self.loads, self.unloaded = model_id, "cpu", 0, False
+        StandIn.instances.append(self)
+
+    def load(self):
+        self.loads += 1
+
+    def render(self, spec, *, on_step=None, should_stop=None):
+        if StandIn.fail_with is not None:
+            exc, StandIn.fail_with = StandIn.fail_with, None
+            raise exc
+        on_step and on_step(1, 1)
+        return RenderResult(image=Image.new("RGB", (spec.width, spec.height)), seed=spec.seed,
+                            width=spec.width, height=spec.height, record={"stand_in": True})
+
+    def unload(self):
+        self.unloaded = True
+
+
+@pytest.fixture
+def env(tmp_path):
+    StandIn.instances, StandIn.fail_with = [], None
+    (tmp_path / "config.yaml").write_text(render_config())
+    config = load_config(tmp_path / "config.yaml")
+    config.state_dir.mkdir()
+    store = JobStore(config.db_url)
+    store.create_schema()
+    renderer = Renderer(config, factory=StandIn)
+    yield config, store, renderer, Scheduler(store, renderer, config, "w1")
+    store.close()
+
+
+def _enqueue(config, store, model: str, index: int):
+    task = RenderTask(spec=RenderSpec(model=model, prompt=f"p{index}", width=64, height=64),
+                      target=OutputTarget(out_dir=str(config.outbox_root / model), image_name=f"{index}.png",
+                                          title="t", source="s", prompt_index=index))
+    return store.enqueue(key=task.idempotency_key(), payload=task.model_dump(mode="json"), model=model, group="g")[0]
+
+
+def test_jobs_for_the_loaded_model_go_first_and_models_load_once(env):
+    config, store, renderer, scheduler = env
+    for i, model in enumerate(["flux2", "qwen_image_2512", "flux2", "qwen_image_2512"]):
+        _enqueue(config, store, model, i)
+    stop = threading.Event()
+    while scheduler.run_once(stop):
+        pass
+    assert [s.model_id for s in StandIn.instances] == ["flux2", "qwen_image_2512"]
+    assert StandIn.instances[0].unloaded and all(s.loads == 1 for s in StandIn.instances)
+    assert {j.state for j in store.list_jobs()} == {JobState.DONE}
+    assert (config.outbox_root / "flux2" / "2.png").is_file()
+
+
+def test_permanent_failure_fails_the_job_with_its_message(env):
+    config, store, _renderer, scheduler = env
+    job = _enqueue(config, store, "flux2", 0)
+    StandIn.fail_with = LoraError("no key of the LoRA matches the model")
+    scheduler.run_once(threading.Event())
+    job = store.get(job.id)
+    assert job.state == JobState.FAILED and "no key of the LoRA matches" in job.last_error
+
+
+def test_out_of_memory_unloads_and_retries_later(env):
+    config, store, renderer, scheduler = env
+    job = _enqueue(config, store, "flux2", 0)
+    StandIn.fail_with = torch.OutOfMemoryError("CUDA out of memory")
+    scheduler.run_once(threading.Event())
+    job = store.get(job.id)
+    assert job.state == JobState.QUEUED and job.run_after is not None
+    assert "PipelineOutOfMemory" in job.last_error
+    assert StandIn.instances[0].unloaded and renderer.model is None
+
+
+def test_out_of_memory_is_transient_for_direct_renders(env):
+    config, _store, renderer, _scheduler = env
+    StandIn.fail_with = torch.OutOfMemoryError("CUDA out of memory")
+    task = RenderTask(spec=RenderSpec(model="flux2", prompt="x"),
+                      target=OutputTarget(out_dir=str(config.outbox_root), image_name="x.png", title="t",
+                                          source="s", prompt_index=0))
+    with pytest.raises(PipelineOutOfMemory):
+        renderer.render(task)
+
+
+def test_shutdown_returns_the_running_job_to_the_queue(env):
+    config, store, _renderer, scheduler = env
+    job = _enqueue(config, store, "flux2", 0)
+    stop = threading.Event()
+    from previewd.errors import RenderInterrupted
+
+    StandIn.fail_with = RenderInterrupted("stopped after step 1/25")
+    scheduler.run_once(stop)
+    job = store.get(job.id)
+    assert job.state == JobState.QUEUED and job.attempts == 0
