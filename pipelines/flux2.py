@@ -23,24 +23,11 @@ from previewd.pipelines import device as devices
 from previewd.pipelines import flux2_lora, flux2_numerics, flux2_sampler, flux2_text, flux2_vae
 from previewd.pipelines.base import StepCallback, StopCheck
 from previewd.pipelines.models import MODELS, snap
+from previewd.pipelines.sources import resolve_source
 from previewd.spec import ModelSource, RenderResult, RenderSpec
 
 CONTROL_ORDER = ("ctrl_img_1", "ctrl_img_2", "ctrl_img_3")
 _SEED_LIMIT = 2 ** 31
-
-
-def resolve_source(path: str) -> Path:
-    """A local folder, or a hub id resolved through the user's HF cache without any download."""
-    local = Path(path).expanduser()
-    if local.is_dir():
-        return local
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(path, local_files_only=True))
-    except Exception as exc:
-        raise ConfigError(f"model source {path!r} is neither a folder nor a hub id in the local HF cache "
-                          f"(previewd never downloads weights): {exc}") from exc
 
 
 def control_images(spec: RenderSpec) -> list[Image.Image]:

@@ -30,8 +30,10 @@ import torch
 from previewd.errors import LoraError, NonFiniteOutput, PipelineError, RenderInterrupted
 from previewd.pipelines import device as devices
 from previewd.pipelines.base import StepCallback, StopCheck
+from previewd.pipelines.base_weights import BaseWeights
 from previewd.pipelines.lora import LoraWeights, linear_module_names, load_lora
 from previewd.pipelines.models import MODELS, snap, validate_spec
+from previewd.pipelines.sources import resolve_source
 from previewd.pipelines import qwen_encode
 from previewd.pipelines.qwen_encode import (
     ControlPlan,
@@ -74,6 +76,7 @@ class _LoadedLora:
     path: str
     sha256: str | None
     signature: tuple
+    modules: tuple[str, ...]
     weights_info: dict[str, Any]
     fused_at: float | None = None
     scale: float | None = None
@@ -101,6 +104,7 @@ class _QwenPreview:
         self._hub_scheduler_config: dict[str, Any] | None = None
         self._module_names: set[str] = set()
         self._lora: _LoadedLora | None = None
+        self._base_weights: BaseWeights | None | bool = False  # False: not looked up yet
         self._embeds: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -181,11 +185,24 @@ class _QwenPreview:
     def _lora_mode(self) -> str:
         return "fuse" if self.info.lora_mode == "fuse" else "adapter"
 
+    def _unfuse(self, lora: _LoadedLora) -> None:
+        """Unfuse, then read the touched weights back from the model files so no rounding residue
+        of the merge survives (it accumulates over checkpoint switches in bf16)."""
+        self.pipe.unfuse_lora()
+        lora.fused_at = None
+        if self._base_weights is False:
+            self._base_weights = BaseWeights.find(resolve_source(self.source.path) / "transformer")
+            if self._base_weights is None:
+                logger.warning("%s: no safetensors transformer files to restore from; unfusing leaves a "
+                               "rounding residue", self.source.path)
+        if self._base_weights is not None:
+            self._base_weights.restore(self.pipe.transformer, lora.modules)
+
     def _drop_lora(self) -> None:
         if self._lora is None:
             return
         if self._lora.fused_at is not None:
-            self.pipe.unfuse_lora()
+            self._unfuse(self._lora)
         self.pipe.delete_adapters(ADAPTER)
         self._lora = None
 
@@ -196,8 +213,7 @@ class _QwenPreview:
                            len(weights.unmatched), self.model_id, ", ".join(weights.unmatched[:5]))
         previous = self._lora
         if previous is not None and previous.fused_at is not None:
-            self.pipe.unfuse_lora()
-            previous.fused_at = None
+            self._unfuse(previous)
         method = "load"
         if previous is not None and previous.signature == weights.signature():
             try:
@@ -219,6 +235,7 @@ class _QwenPreview:
             raise PipelineError(f"{spec.path}: the LoRA did not attach to the transformer")
         self._lora = _LoadedLora(
             key=key, path=spec.path, sha256=spec.sha256, signature=weights.signature(),
+            modules=tuple(weights.modules),
             weights_info={"modules": len(weights.modules), "unmatched": list(weights.unmatched),
                           "ranks": sorted(set(weights.ranks.values())), "format": weights.source_format,
                           "alpha_folded": weights.alpha_folded, "swap": method})
@@ -233,8 +250,7 @@ class _QwenPreview:
         if lora.fused_at == scale:
             return
         if lora.fused_at is not None:
-            self.pipe.unfuse_lora()
-            lora.fused_at = None
+            self._unfuse(lora)
         # unfuse leaves peft's scaling at the last fuse scale (tiny-models-cpu.md E9): reset it first.
         self.pipe.set_adapters([ADAPTER], [1.0])
         self.pipe.fuse_lora(lora_scale=scale, adapter_names=[ADAPTER])

@@ -82,7 +82,7 @@ def test_separate_text_encoder_source_and_qfloat8(tiny_flux2):
 
 def test_sources_never_download(tmp_path):
     from previewd.errors import ConfigError
-    from previewd.pipelines.flux2 import resolve_source
+    from previewd.pipelines.sources import resolve_source
 
     assert resolve_source(str(tmp_path)) == tmp_path
     with pytest.raises(ConfigError, match="never downloads"):

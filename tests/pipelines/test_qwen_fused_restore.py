@@ -1,0 +1,69 @@
+"""Fused LoRAs (2512, 2511) switch without drift: the base weights come back bit for bit.
+
+In bfloat16, unfuse alone leaves a rounding residue that grows with each checkpoint switch;
+previewd reads the touched weights back from the model files after unfusing.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from previewd.pipelines.qwen_image import QwenImagePreview
+from previewd.spec import LoraSpec, ModelSource, RenderSpec
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple[Path, list[LoraSpec]]:
+    from previewd.pipelines import tiny_qwen
+    from previewd.pipelines.tiny_models import write_random_lora
+
+    folder = tmp_path_factory.mktemp("q") / "qwen_image_2512"
+    tiny_qwen.build("qwen_image_2512", folder)
+    loras = [LoraSpec(path=str(write_random_lora(folder, folder.parent / f"l{seed}.safetensors", seed=seed)),
+                      sha256=f"l{seed}") for seed in (1, 2)]
+    return folder, loras
+
+
+def _base(pipeline: QwenImagePreview) -> dict[str, torch.Tensor]:
+    return {name.replace(".base_layer", ""): p.detach().clone()
+            for name, p in pipeline.pipe.transformer.named_parameters() if "lora_" not in name}
+
+
+def _cycle(pipeline: QwenImagePreview, loras: list[LoraSpec]) -> None:
+    for _ in range(5):
+        for lora, multiplier in ((loras[0], 1.0), (loras[1], 1.0), (loras[1], 0.5)):
+            pipeline.apply_lora(lora.model_copy(update={"network_multiplier": multiplier}))
+    pipeline.apply_lora(None)
+
+
+def _max_drift(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> float:
+    return max((before[k].float() - after[k].float()).abs().max().item() for k in before)
+
+
+def test_bf16_switches_leave_the_base_weights_bit_identical(tiny):
+    folder, loras = tiny
+    pipeline = QwenImagePreview("qwen_image_2512", ModelSource(path=str(folder)), device="cpu", dtype="bfloat16")
+    pipeline.load()
+    before = _base(pipeline)
+    _cycle(pipeline, loras)
+    assert _max_drift(before, _base(pipeline)) == 0.0
+
+    spec = RenderSpec(model="qwen_image_2512", prompt="a fox", width=64, height=64, sample_steps=2,
+                      lora=loras[1])
+    fresh = QwenImagePreview("qwen_image_2512", ModelSource(path=str(folder)), device="cpu", dtype="bfloat16")
+    assert np.array_equal(np.asarray(pipeline.render(spec).image), np.asarray(fresh.render(spec).image))
+
+
+def test_without_the_restore_bf16_unfusing_drifts(tiny):
+    """What the restore is for (and proof that the test above can fail)."""
+    folder, loras = tiny
+    pipeline = QwenImagePreview("qwen_image_2512", ModelSource(path=str(folder)), device="cpu", dtype="bfloat16")
+    pipeline.load()
+    pipeline._base_weights = None
+    before = _base(pipeline)
+    _cycle(pipeline, loras)
+    assert _max_drift(before, _base(pipeline)) > 0.0
