@@ -58,6 +58,9 @@ class AitkOptions(_Frozen):
     """Edit-plus CFG renormalisation (`sample.do_cfg_norm`); stock diffusers always renormalises."""
     vae_tiling: bool = False
     """ai-toolkit tiles the Qwen VAE when the job had `model.low_vram`."""
+    lora_merged: bool = True
+    """ai-toolkit merges the LoRA into the weights (fp32, then cast) unless the run was quantised or
+    layer-offloaded or its samples mix multipliers; then it applies it as a runtime branch."""
 
 
 class RenderSpec(_Frozen):

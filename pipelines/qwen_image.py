@@ -182,7 +182,11 @@ class _QwenPreview:
 
     # -- LoRA --------------------------------------------------------------------------------
 
-    def _lora_mode(self) -> str:
+    def _lora_mode(self, spec: RenderSpec) -> str:
+        """aitk: as ai-toolkit sampled (merged, or a runtime branch for quantised runs); reference: the
+        seeds' per-model choice (fused for 2512/2511, adapters for edit/2509)."""
+        if spec.parity == "aitk":
+            return "fuse" if spec.aitk.lora_merged else "adapter"
         return "fuse" if self.info.lora_mode == "fuse" else "adapter"
 
     def _unfuse(self, lora: _LoadedLora) -> None:
@@ -240,9 +244,11 @@ class _QwenPreview:
                           "ranks": sorted(set(weights.ranks.values())), "format": weights.source_format,
                           "alpha_folded": weights.alpha_folded, "swap": method})
 
-    def _set_lora_scale(self, scale: float) -> None:
+    def _set_lora_scale(self, scale: float, mode: str) -> None:
         lora = self._lora
-        if self._lora_mode() == "adapter":
+        if mode == "adapter":
+            if lora.fused_at is not None:
+                self._unfuse(lora)
             if lora.scale != scale:
                 self.pipe.set_adapters([ADAPTER], [scale])
                 lora.scale = scale
@@ -257,8 +263,8 @@ class _QwenPreview:
         lora.fused_at = scale
         lora.scale = scale
 
-    def apply_lora(self, spec: LoraSpec | None) -> dict[str, Any] | None:
-        """Make the transformer carry exactly `spec` (or no LoRA) and say how."""
+    def apply_lora(self, spec: LoraSpec | None, mode: str = "fuse") -> dict[str, Any] | None:
+        """Make the transformer carry exactly `spec` (or no LoRA), fused or as an adapter, and say how."""
         if spec is None:
             self._drop_lora()
             return None
@@ -266,9 +272,9 @@ class _QwenPreview:
         key = (os.path.realpath(spec.path), stat.st_size, stat.st_mtime_ns, spec.sha256)
         if self._lora is None or self._lora.key != key:
             self._install_lora(spec, key)
-        self._set_lora_scale(float(spec.network_multiplier))
+        self._set_lora_scale(float(spec.network_multiplier), mode)
         return {"path": spec.path, "sha256": spec.sha256, "network_multiplier": spec.network_multiplier,
-                "mode": self._lora_mode(), **self._lora.weights_info}
+                "mode": mode, **self._lora.weights_info}
 
     # -- prompt embeddings ---------------------------------------------------------------------
 
@@ -318,7 +324,7 @@ class _QwenPreview:
         plan = plan_controls(spec, self.control_kind, images) if self.control_kind != "none" else None
 
         mark = time.perf_counter()
-        lora_record = self.apply_lora(spec.lora)
+        lora_record = self.apply_lora(spec.lora, self._lora_mode(spec))
         timings["lora"] = time.perf_counter() - mark
 
         mark = time.perf_counter()

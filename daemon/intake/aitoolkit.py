@@ -234,6 +234,7 @@ def read_job(config_path: Path) -> AitkJob:
         # Only ai-toolkit's edit-plus pipeline reads do_cfg_norm; the others always renormalise.
         do_cfg_norm=settings["do_cfg_norm"] and mid.startswith("qwen_image_edit_plus"),
         vae_tiling=settings["low_vram"] and mid.startswith("qwen_image"),
+        lora_merged=settings["lora_merged"],
     )
     return AitkJob(config_path=config_path, job_dir=job_dir, name=name, model=mid, trigger_word=trigger,
                    samples=tuple(samples), sample_format=fmt, aitk=options, settings=settings,

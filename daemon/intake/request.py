@@ -69,6 +69,7 @@ class LoraIn(_Strict):
 class AitkIn(_Strict):
     do_cfg_norm: bool = False
     vae_tiling: bool = False
+    lora_merged: bool = True
     parse_prompt_flags: bool = False
     """Apply ai-toolkit's strip() and `--flag` parsing to each prompt (off: the text is used as is)."""
     walk_seed: bool | None = None
@@ -189,7 +190,8 @@ def read_request(path: Path, *, allowed_roots: list[Path], default_parity: Parit
         seeds = [p.seed if p.seed is not None else DEFAULT_SEED + i for i, p in enumerate(req.prompts)]
     else:
         seeds = [p.seed if p.seed is not None else DEFAULT_SEED for p in req.prompts]
-    options = AitkOptions(do_cfg_norm=req.aitk.do_cfg_norm, vae_tiling=req.aitk.vae_tiling)
+    options = AitkOptions(do_cfg_norm=req.aitk.do_cfg_norm, vae_tiling=req.aitk.vae_tiling,
+                          lora_merged=req.aitk.lora_merged)
 
     renders = []
     resolver = ControlResolver(resolve_image, base_dir)

@@ -53,7 +53,8 @@ def specs_for_case(profile: str, model_id: str, case_id: str) -> list[RenderSpec
                 width=request["width"], height=request["height"], seed=request["seed"],
                 sample_steps=request["steps"], guidance_scale=request["guidance"], control_images=controls,
                 aitk=AitkOptions(do_cfg_norm=bool(gen.get("do_cfg_norm", False)),
-                                 vae_tiling=bool(aitk.get("model_config", {}).get("low_vram", False))))
+                                 vae_tiling=bool(aitk.get("model_config", {}).get("low_vram", False)),
+                                 lora_merged=not str(aitk.get("lora_application")).startswith("UNMERGED")))
     switch = request.get("switch")
     if switch:
         return [RenderSpec(**base, lora=_lora(step["lora"], step["scale"]))

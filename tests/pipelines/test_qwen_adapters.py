@@ -138,8 +138,9 @@ def test_lora_changes_pixels_and_multiplier_zero_is_base(adapters, workdir, tmp_
     base = pixels(adapter.render(_spec(model_id, workdir, parity)).image)
     with_lora = adapter.render(_spec(model_id, workdir, parity, lora=LoraSpec(path=lora)))
     assert np.abs(pixels(with_lora.image) - base).max() > 10
-    assert with_lora.record["lora"]["mode"] == ("fuse" if model_id in ("qwen_image_2512", "qwen_image_edit_plus_2511")
-                                                else "adapter")
+    # aitk merges like ai-toolkit (non-quantised runs); reference follows the seeds per model.
+    seeds_fuse = model_id in ("qwen_image_2512", "qwen_image_edit_plus_2511")
+    assert with_lora.record["lora"]["mode"] == ("fuse" if parity == "aitk" or seeds_fuse else "adapter")
     zero = adapter.render(_spec(model_id, workdir, parity, lora=LoraSpec(path=lora, network_multiplier=0.0)))
     assert np.abs(pixels(zero.image) - base).max() <= 1
     none_again = adapter.render(_spec(model_id, workdir, parity))

@@ -67,3 +67,22 @@ def test_without_the_restore_bf16_unfusing_drifts(tiny):
     before = _base(pipeline)
     _cycle(pipeline, loras)
     assert _max_drift(before, _base(pipeline)) > 0.0
+
+
+def test_aitk_unmerged_runs_use_a_runtime_branch_and_modes_switch_cleanly(tiny):
+    """A quantised ai-toolkit run sampled with the LoRA unmerged: aitk follows the run."""
+    from previewd.spec import AitkOptions
+
+    folder, loras = tiny
+    pipeline = QwenImagePreview("qwen_image_2512", ModelSource(path=str(folder)), device="cpu", dtype="bfloat16")
+    merged = RenderSpec(model="qwen_image_2512", prompt="a fox", width=64, height=64, sample_steps=2, lora=loras[0])
+    unmerged = merged.model_copy(update={"aitk": AitkOptions(lora_merged=False)})
+    first = pipeline.render(merged)
+    branch = pipeline.render(unmerged)
+    again = pipeline.render(merged)
+    assert first.record["lora"]["mode"] == "fuse" and branch.record["lora"]["mode"] == "adapter"
+    assert np.array_equal(np.asarray(first.image), np.asarray(again.image))
+    pipeline.apply_lora(None)
+    fresh = QwenImagePreview("qwen_image_2512", ModelSource(path=str(folder)), device="cpu", dtype="bfloat16")
+    fresh.load()
+    assert _max_drift(_base(fresh), _base(pipeline)) == 0.0
