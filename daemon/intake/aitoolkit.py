@@ -422,11 +422,8 @@ def parity_gaps(job: AitkJob) -> list[str]:
     s = job.settings
     gaps = []
     if s["quantize"]:
-        gaps.append(f"ai-toolkit sampled a {s['qtype'] or 'qfloat8'}-quantised transformer with the LoRA unmerged; "
-                    "previewd renders the unquantised model, so small differences are expected")
-    elif not s["lora_merged"]:
-        gaps.append("ai-toolkit sampled with the LoRA unmerged (layer offloading or mixed multipliers); "
-                    "previewd merges it")
+        gaps.append(f"ai-toolkit sampled a {s['qtype'] or 'qfloat8'}-quantised transformer (previewd applies the "
+                    "LoRA unmerged as it did, but renders the unquantised model): small differences are expected")
     if s["quantize_te"]:
         gaps.append(f"ai-toolkit's text encoder was quantised ({s['qtype_te'] or s['qtype'] or 'qfloat8'}); "
                     "previewd's is not unless models.<id>.quantize_text_encoder says so")
