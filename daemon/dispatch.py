@@ -17,7 +17,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from previewd import snapshots
+from previewd import outbox, snapshots
 from previewd.config import Config
 from previewd.errors import IntakeError, PreviewdError
 from previewd.intake import aitoolkit, request as requests
@@ -80,8 +80,14 @@ class Dispatcher:
         for own in (self._config.state_dir, self._config.outbox_root):
             if resolved.is_relative_to(own.resolve()):
                 return True
-        # Our previews and ai-toolkit's own samples live inside the runs we watch.
-        return any(part in (self._config.output.dirname, "samples") for part in path.parent.parts)
+        # `path` may be a folder being scanned or a file. Preview folders carry the outbox's lock
+        # file (created before their first image); ai-toolkit's samples/ sits in its run folder.
+        for folder in (path, path.parent):
+            if (folder / outbox.LOCK).exists():
+                return True
+            if folder.name == "samples" and (folder.parent / JOB_CONFIG).is_file():
+                return True
+        return False
 
     # -- entry point: called by the watcher for each settled file -------------------------
     def handle(self, path: Path) -> bool:

@@ -26,6 +26,8 @@ from previewd.tasks import OutputTarget
 MANIFEST = "manifest.json"
 GRID = "grid.png"
 PAGE = "index.html"
+LOCK = ".manifest.lock"
+"""Serialises writers of one folder; its presence also marks the folder as previewd's output."""
 MANIFEST_VERSION = 1
 _CELL = 256
 _LABEL_H = 18
@@ -34,7 +36,7 @@ _LABEL_H = 18
 @contextlib.contextmanager
 def _locked(out_dir: Path) -> Iterator[None]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / ".manifest.lock", "a") as lock:
+    with open(out_dir / LOCK, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
@@ -112,8 +114,8 @@ def write_render(target: OutputTarget, image: Image.Image, entry: dict[str, Any]
     if aitk_sample is not None:
         entry["aitk_sample"] = os.path.relpath(aitk_sample, out_dir)
         entry["aitk_sample_diff"] = compare(image, aitk_sample)
-    atomic_write(out_dir / target.image_name, encode_image(image, target.format, entry))
     with _locked(out_dir):
+        atomic_write(out_dir / target.image_name, encode_image(image, target.format, entry))
         manifest = read_manifest(out_dir) or {"version": MANIFEST_VERSION, "renders": []}
         manifest.update(title=target.title, source=target.source, job_dir=target.job_dir,
                         model=entry.get("model"), updated_at=entry["rendered_at"],

@@ -132,8 +132,13 @@ def test_request_paths_are_confined_to_the_roots(setup, tmp_path):
 
 def test_ignore_skips_own_outputs_samples_and_temporaries(setup):
     config, _store, dispatcher = setup
-    run = config.inbox / "run"
-    for path, ignored in [(run / "previews" / "manifest.json", True), (run / "samples" / "1__000000250_0.jpg", True),
+    run = _run(config)
+    results = config.inbox / "results"  # a request's output.dir inside the inbox
+    (results).mkdir()
+    (results / ".manifest.lock").touch()
+    for path, ignored in [(results / "manifest.json", True), (results, True),
+                          (run / "samples" / "1__000000250_0.jpg", True), (run / "samples", True),
+                          (config.inbox / "samples" / "req.yaml", False),
                           (config.inbox / ".x.yaml", True), (config.inbox / "a.yaml.error.txt", True),
                           (config.inbox / "up.tmp", True), (config.state_dir / "assets" / "a.png", True),
                           (config.inbox / "a.yaml", False), (run / "run_000000250.safetensors", False)]:
