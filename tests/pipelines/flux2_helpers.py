@@ -12,8 +12,6 @@ import torch
 from previewd.spec import ControlImage, LoraSpec, ModelSource, RenderSpec
 
 GOLDENS = Path(__file__).resolve().parents[3] / "shared" / "goldens"
-if not GOLDENS.is_dir():
-    GOLDENS = Path("/work/shared/goldens")
 PROFILE_DIR = {"aitk": "aitk", "reference": "ref"}
 PROMPT = "a photo of a red fox sitting in fresh snow, golden hour"
 

@@ -11,8 +11,6 @@ from PIL import Image
 from previewd.spec import AitkOptions, ControlImage, LoraSpec, ModelSource, RenderSpec
 
 GOLDENS = Path(__file__).resolve().parents[3] / "shared" / "goldens"
-if not GOLDENS.is_dir():
-    GOLDENS = Path("/work/shared/goldens")
 
 QWEN_IDS = ("qwen_image_2512", "qwen_image_edit", "qwen_image_edit_plus", "qwen_image_edit_plus_2511")
 GOLDEN_MODEL_DIR = {"qwen_image_2512": "qwen_image", "qwen_image": "qwen_image"}

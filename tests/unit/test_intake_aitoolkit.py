@@ -10,8 +10,6 @@ from previewd.intake.aitoolkit import (checkpoint_step, find_aitk_sample, is_che
 from previewd.intake.images import ControlImageStore
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "shared" / "aitk-examples"
-if not EXAMPLES.is_dir():
-    EXAMPLES = Path("/work/shared/aitk-examples")
 
 
 def write_job(tmp_path, process_overrides=None, sample=None, name="my_lora"):
