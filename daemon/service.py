@@ -99,8 +99,9 @@ class Service:
         for job in self._store.requeue_expired():
             log.warning("job %d: its worker stopped renewing the lease; now %s (%s)", job.id, job.state.value,
                         job.last_error)
+        # Failed and cancelled jobs can be retried, so their checkpoints stay too.
         keep = {job.affinity for job in self._store.list_jobs(
-            states=[JobState.QUEUED, JobState.RUNNING, JobState.FAILED]) if job.affinity}
+            states=[JobState.QUEUED, JobState.RUNNING, JobState.FAILED, JobState.CANCELLED]) if job.affinity}
         snapshots.prune(self.config.snapshot_dir, keep, min_age_seconds=_SNAPSHOT_MIN_AGE, now=time.time())
 
     def shutdown(self) -> None:
