@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 _TICK_SECONDS = 1.0
 _SNAPSHOT_MIN_AGE = 600.0
+_PRUNE_SECONDS = 300.0
 
 
 class Service:
@@ -50,6 +51,7 @@ class Service:
         self._scheduler = Scheduler(self._store, self._renderer, config, self.worker_id,
                                     on_progress=self._ping_watchdog)
         self._last_tick = 0.0
+        self._last_prune = 0.0
 
     # -- lifecycle ----------------------------------------------------------------------------
     def run(self) -> int:
@@ -99,6 +101,9 @@ class Service:
         for job in self._store.requeue_expired():
             log.warning("job %d: its worker stopped renewing the lease; now %s (%s)", job.id, job.state.value,
                         job.last_error)
+        if now - self._last_prune < _PRUNE_SECONDS:
+            return
+        self._last_prune = now
         # Failed and cancelled jobs can be retried, so their checkpoints stay too.
         keep = {job.affinity for job in self._store.list_jobs(
             states=[JobState.QUEUED, JobState.RUNNING, JobState.FAILED, JobState.CANCELLED]) if job.affinity}
