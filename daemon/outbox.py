@@ -27,6 +27,9 @@ MANIFEST = "manifest.json"
 GRID = "grid.png"
 PAGE = "index.html"
 LOCK = ".manifest.lock"
+THUMBS = ".thumbs"
+"""Small copies of each render, so the grid is rebuilt from thumbnails rather than full images."""
+_GRID_MAX_SIDE = 8192
 """Serialises writers of one folder; its presence also marks the folder as previewd's output."""
 MANIFEST_VERSION = 1
 _CELL = 256
@@ -116,6 +119,8 @@ def write_render(target: OutputTarget, image: Image.Image, entry: dict[str, Any]
         entry["aitk_sample_diff"] = compare(image, aitk_sample)
     with _locked(out_dir):
         atomic_write(out_dir / target.image_name, encode_image(image, target.format, entry))
+        if grid:
+            atomic_write(out_dir / THUMBS / f"{target.image_name}.png", _thumbnail(image))
         manifest = read_manifest(out_dir) or {"version": MANIFEST_VERSION, "renders": []}
         manifest.update(title=target.title, source=target.source, job_dir=target.job_dir,
                         model=entry.get("model"), updated_at=entry["rendered_at"],
@@ -134,13 +139,23 @@ def _font() -> ImageFont.ImageFont:
     return ImageFont.load_default()
 
 
+def _thumbnail(image: Image.Image) -> bytes:
+    thumb = image.convert("RGB")
+    thumb.thumbnail((_CELL, _CELL))
+    buffer = io.BytesIO()
+    thumb.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def render_grid(out_dir: Path, manifest: dict[str, Any]) -> bytes:
     """Contact sheet: one row per checkpoint (by step), one column per prompt, labelled."""
     rows = manifest["checkpoints"]
     cols = manifest["prompts"]
     by_cell = {((r["checkpoint"] or "base"), r["prompt_index"]): r for r in manifest["renders"]}
-    # Cells fit the largest render, capped, so small previews are not lost in white space.
-    cell = min(_CELL, max(max(r["width"], r["height"]) for r in manifest["renders"]))
+    # Cells fit the largest render, capped, so small previews are not lost in white space; long
+    # runs get smaller cells so the sheet stays a viewable size.
+    cell = min(_CELL, max(max(r["width"], r["height"]) for r in manifest["renders"]),
+               max(32, _GRID_MAX_SIDE // max(len(rows), len(cols))))
     label_w = 150
     sheet = Image.new("RGB", (label_w + cell * len(cols), _LABEL_H + (cell + 4) * len(rows)), "white")
     draw = ImageDraw.Draw(sheet)
@@ -157,8 +172,9 @@ def render_grid(out_dir: Path, manifest: dict[str, Any]) -> bytes:
             render = by_cell.get((ckpt["checkpoint"] or "base", prompt["index"]))
             if render is None:
                 continue
+            thumb = out_dir / THUMBS / f"{render['image']}.png"
             try:
-                with Image.open(out_dir / render["image"]) as tile:
+                with Image.open(thumb if thumb.exists() else out_dir / render["image"]) as tile:
                     tile = tile.convert("RGB")
                     tile.thumbnail((cell, cell))
                     sheet.paste(tile, (label_w + c * cell, y))

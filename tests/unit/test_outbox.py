@@ -83,3 +83,14 @@ def test_parity_gaps_reach_the_manifest_and_page(tmp_path):
     outbox.write_render(target, Image.new("RGB", (64, 64)), _entry(0))
     assert json.loads((tmp_path / "manifest.json").read_text())["parity_gaps"] == ["quantised <transformer>"]
     assert "quantised &lt;transformer&gt;" in (tmp_path / "index.html").read_text()
+
+
+def test_grid_is_built_from_thumbnails_and_stays_viewable_for_long_runs(tmp_path):
+    for step in range(1, 301):
+        target = _target(tmp_path, step * 10, 0)
+        outbox.write_render(target, Image.new("RGB", (512, 512), "red"), dict(_entry(0), step=step * 10,
+                            checkpoint=target.checkpoint), grid=step == 300, page=False)
+    assert len(list((tmp_path / ".thumbs").iterdir())) == 1  # only written when the grid is
+    with Image.open(tmp_path / "grid.png") as grid:
+        # 300 rows: cells shrink from 256 px to the 32 px floor instead of a 77k-pixel-tall sheet.
+        assert grid.size == (150 + 32, 18 + 300 * (32 + 4))
