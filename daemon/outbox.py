@@ -109,14 +109,36 @@ def _step_key(entry: dict[str, Any]) -> tuple:
     return (1, step, "") if step is not None else (2, 0, entry.get("checkpoint") or "")
 
 
+def _attach_sample(entry: dict[str, Any], out_dir: Path, sample: Path, image: Image.Image) -> None:
+    entry["aitk_sample"] = os.path.relpath(sample, out_dir)
+    entry["aitk_sample_diff"] = compare(image, sample)
+
+
+def _backfill_samples(manifest: dict[str, Any], out_dir: Path, samples: dict[tuple[int, int], Path]) -> None:
+    """ai-toolkit often finishes its own sample of a step after we rendered it: pair them later."""
+    for entry in manifest["renders"]:
+        sample = samples.get((entry.get("step"), entry["prompt_index"]))
+        if sample is None or entry.get("aitk_sample"):
+            continue
+        try:
+            with Image.open(out_dir / entry["image"]) as ours:
+                _attach_sample(entry, out_dir, sample, ours.convert("RGB"))
+        except OSError:
+            continue
+
+
 def write_render(target: OutputTarget, image: Image.Image, entry: dict[str, Any], *,
-                 aitk_sample: Path | None = None, grid: bool = True, page: bool = True) -> dict[str, Any]:
-    """Write one render and fold it into the manifest, grid and page. Returns the manifest entry."""
+                 aitk_samples: dict[tuple[int, int], Path] | None = None, grid: bool = True,
+                 page: bool = True) -> dict[str, Any]:
+    """Write one render and fold it into the manifest, grid and page. Returns the manifest entry.
+
+    `aitk_samples`: the run's own samples by (step, prompt index), to show beside ours.
+    """
     out_dir = Path(target.out_dir)
+    samples = aitk_samples or {}
     entry = dict(entry, image=target.image_name, rendered_at=datetime.now(timezone.utc).isoformat())
-    if aitk_sample is not None:
-        entry["aitk_sample"] = os.path.relpath(aitk_sample, out_dir)
-        entry["aitk_sample_diff"] = compare(image, aitk_sample)
+    if (sample := samples.get((target.step, target.prompt_index))) is not None:
+        _attach_sample(entry, out_dir, sample, image)
     with _locked(out_dir):
         atomic_write(out_dir / target.image_name, encode_image(image, target.format, entry))
         if grid:
@@ -126,6 +148,7 @@ def write_render(target: OutputTarget, image: Image.Image, entry: dict[str, Any]
                         model=entry.get("model"), updated_at=entry["rendered_at"],
                         parity_gaps=list(target.parity_gaps))
         manifest["renders"] = [r for r in manifest["renders"] if r["image"] != target.image_name] + [entry]
+        _backfill_samples(manifest, out_dir, samples)
         _summarise(manifest)
         atomic_write(out_dir / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
         if grid:

@@ -433,22 +433,23 @@ def parity_gaps(job: AitkJob) -> list[str]:
     return gaps
 
 
-def find_aitk_sample(job_dir: Path, step: int, index: int) -> Path | None:
-    """ai-toolkit's own sample `<job_dir>/samples/<ms>__<step:09d>_<index>.<ext>`, newest set first.
+def aitk_samples(job_dir: Path) -> dict[tuple[int, int], Path]:
+    """ai-toolkit's own samples `<job_dir>/samples/<ms>__<step:09d>_<index>.<ext>` by (step, index);
+    where a step was sampled twice (resume, "sample now"), the newest set.
 
-    Takes the run folder, not an AitkJob: samples appear after the checkpoint, so they are
-    looked up when the render is written, from the job's recorded folder.
+    Takes the run folder, not an AitkJob: samples appear after the checkpoint, so they are looked
+    up when renders are written, from the job's recorded folder.
     """
-    folder = Path(job_dir) / "samples"
-    best: tuple[int, Path] | None = None
+    newest: dict[tuple[int, int], tuple[int, Path]] = {}
     try:
-        names = [p for p in folder.iterdir() if p.is_file()]
+        paths = [p for p in (Path(job_dir) / "samples").iterdir() if p.is_file()]
     except OSError:
-        return None
-    for path in names:
+        return {}
+    for path in paths:
         match = _SAMPLE_FILE.match(path.name)
-        if match and int(match.group(2)) == step and int(match.group(3)) == index:
-            ms = int(match.group(1))
-            if best is None or ms > best[0]:
-                best = (ms, path)
-    return best[1] if best else None
+        if match:
+            key, ms = (int(match.group(2)), int(match.group(3))), int(match.group(1))
+            if key not in newest or ms > newest[key][0]:
+                newest[key] = (ms, path)
+    return {key: path for key, (_ms, path) in newest.items()}
+

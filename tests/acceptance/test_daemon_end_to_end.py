@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from previewd.instance import EXAMPLE_RUN, render_config
 
@@ -105,6 +106,8 @@ def test_daemon_renders_run_and_request_once(tmp_path: Path, tiny_qwen: Path) ->
         run = inbox / "example_lora"
         run.mkdir()
         (run / "config.yaml").write_text(EXAMPLE_RUN.format(training_folder=inbox))
+        (run / "samples").mkdir()  # ai-toolkit's own sample of step 250, prompt 0
+        Image.new("RGB", (64, 64), (90, 140, 60)).save(run / "samples" / "1724085406830__000000250_0.jpg")
         for step in (250, 500):
             _write_slowly(run / f"example_lora_{step:09d}.safetensors", checkpoints[step])
         (inbox / "good.yaml").write_text(
@@ -138,6 +141,8 @@ def test_daemon_renders_run_and_request_once(tmp_path: Path, tiny_qwen: Path) ->
         assert (render["width"], render["height"]) == (64, 64)
         assert render["model"] == "qwen_image_2512" and render["parity"] == "aitk"
     by_prompt = {r["prompt_index"]: r for r in manifest["renders"] if r["step"] == 250}
+    assert by_prompt[0]["aitk_sample"] == "../samples/1724085406830__000000250_0.jpg"
+    assert by_prompt[0]["aitk_sample_diff"]["psnr_db"] > 0 and "aitk_sample" not in by_prompt[1]
     assert by_prompt[1]["seed"] == 7 and by_prompt[0]["seed"] == 42  # --seed flag; walk_seed base
     assert (previews / "grid.png").is_file() and (previews / "index.html").is_file()
 

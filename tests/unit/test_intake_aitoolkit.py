@@ -5,7 +5,7 @@ import yaml
 from PIL import Image
 
 from previewd.errors import ControlImageError, IntakeError
-from previewd.intake.aitoolkit import (checkpoint_step, find_aitk_sample, is_checkpoint, model_id, read_job,
+from previewd.intake.aitoolkit import (checkpoint_step, aitk_samples, is_checkpoint, model_id, read_job,
                                        specs_for_checkpoint)
 from previewd.intake.images import ControlImageStore
 
@@ -271,7 +271,7 @@ def test_checkpoints_and_steps(tmp_path):
     assert not is_checkpoint(job, tmp_path / "my_lora_000000250.safetensors")  # not in the job folder
 
 
-def test_find_aitk_sample(tmp_path):
+def test_aitk_samples_newest_set_wins(tmp_path):
     job = read_job(write_job(tmp_path))
     samples = job.job_dir / "samples"
     (samples / ".tmp").mkdir(parents=True)
@@ -281,9 +281,10 @@ def test_find_aitk_sample(tmp_path):
         (samples / name).write_bytes(b"x")
     (samples / ".tmp" / "1800000000000__000000250_0.jpg").write_bytes(b"x")
     (samples / ".thumbs" / "1800000000000__000000250_0.jpg").write_bytes(b"x")
-    assert find_aitk_sample(job.job_dir, 250, 0) == samples / "1724085499999__000000250_0.jpg"
-    assert find_aitk_sample(job.job_dir, 250, 1).name == "1724085406830__000000250_1.jpg"
-    assert find_aitk_sample(job.job_dir, 750, 0) is None
+    found = aitk_samples(job.job_dir)
+    assert found[(250, 0)] == samples / "1724085499999__000000250_0.jpg"
+    assert found[(250, 1)].name == "1724085406830__000000250_1.jpg"
+    assert (750, 0) not in found
 
 
 def test_not_a_job_config(tmp_path):

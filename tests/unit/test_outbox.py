@@ -66,7 +66,7 @@ def test_page_shows_renders_and_aitk_samples_side_by_side(tmp_path):
     Image.new("RGB", (64, 64), (0, 120, 0)).save(samples / "1__000000250_0.png")
     target = _target(tmp_path / "previews", 250, 0)
     entry = outbox.write_render(target, Image.new("RGB", (64, 64), (0, 128, 0)), _entry(0),
-                                aitk_sample=samples / "1__000000250_0.png")
+                                aitk_samples={(250, 0): samples / "1__000000250_0.png"})
     assert entry["aitk_sample"] == "../samples/1__000000250_0.png"
     assert entry["aitk_sample_diff"]["max_abs_diff"] == 8
     page = (tmp_path / "previews" / "index.html").read_text()
@@ -94,3 +94,17 @@ def test_grid_is_built_from_thumbnails_and_stays_viewable_for_long_runs(tmp_path
     with Image.open(tmp_path / "grid.png") as grid:
         # 300 rows: cells shrink from 256 px to the 32 px floor instead of a 77k-pixel-tall sheet.
         assert grid.size == (150 + 32, 18 + 300 * (32 + 4))
+
+
+def test_samples_that_appear_after_our_render_are_paired_on_a_later_write(tmp_path):
+    out = tmp_path / "previews"
+    _write(out, 250, 0, "green")
+    sample = tmp_path / "samples" / "9__000000250_0.png"
+    sample.parent.mkdir()
+    Image.new("RGB", (64, 64), "green").save(sample)
+    target = _target(out, 500, 0)
+    outbox.write_render(target, Image.new("RGB", (64, 64)), dict(_entry(0), step=500, checkpoint=target.checkpoint),
+                        aitk_samples={(250, 0): sample})
+    first = json.loads((out / "manifest.json").read_text())["renders"][0]
+    assert first["step"] == 250 and first["aitk_sample"] == "../samples/9__000000250_0.png"
+    assert first["aitk_sample_diff"]["max_abs_diff"] == 0
