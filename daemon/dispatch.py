@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from previewd import outbox, snapshots
+from previewd.fileio import atomic_write
 from previewd.config import Config
 from previewd.errors import IntakeError, PreviewdError
 from previewd.intake import aitoolkit, request as requests
@@ -33,6 +34,22 @@ JOB_CONFIG = "config.yaml"
 REQUEST_SUFFIXES = (".yaml", ".yml", ".json")
 PICKLED_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 IGNORED_SUFFIXES = (".tmp", ".partial", ".part", ".error.txt", ".lock")
+MAX_TEXT_INPUT_BYTES = 16 * 2**20
+
+
+class NotReady(Exception):
+    """The input names a file that is still being written; try again later."""
+
+
+def _is_aitk_config(path: Path) -> bool:
+    """An ai-toolkit job config (`job:` and `config:` at the top), not any file named config.yaml."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            head = handle.read(65536)
+    except OSError:
+        return False
+    keys = {line.split(":", 1)[0] for line in head.splitlines() if line and not line[0].isspace() and ":" in line}
+    return {"job", "config"} <= keys
 
 
 @dataclass
@@ -58,6 +75,8 @@ def rejected_inputs(roots: list[Path]) -> list[tuple[Path, str]]:
     found = []
     for root in roots:
         for marker in sorted(root.rglob(f"*{ERROR_SUFFIX}")):
+            if marker.is_symlink() or not marker.is_file():
+                continue
             reason = marker.read_text(errors="replace").removeprefix(_ERROR_HEADER).strip().split("\n\n")[0]
             found.append((marker.with_name(marker.name.removesuffix(ERROR_SUFFIX)), reason))
     return found
@@ -76,7 +95,10 @@ class Dispatcher:
     def ignore(self, path: Path) -> bool:
         if any(part.startswith(".") for part in path.parts[-2:]) or path.name.endswith(IGNORED_SUFFIXES):
             return True
-        resolved = path.resolve()
+        try:
+            resolved = path.resolve()
+        except (OSError, RuntimeError):  # a symlink loop or a vanished link target
+            return True
         for own in (self._config.state_dir, self._config.outbox_root):
             if resolved.is_relative_to(own.resolve()):
                 return True
@@ -94,7 +116,10 @@ class Dispatcher:
         """Process `path`; False means "not ready yet, look again later"."""
         job_dir = self._owning_run(path)
         try:
-            if path.name == JOB_CONFIG:
+            if path.suffix in REQUEST_SUFFIXES and path.stat().st_size > MAX_TEXT_INPUT_BYTES:
+                raise IntakeError(path, "file", [f"(file): {path.stat().st_size} bytes is more than the "
+                                                 f"{MAX_TEXT_INPUT_BYTES // 2**20} MiB a config or request may be"])
+            if path.name == JOB_CONFIG and job_dir == path.parent:
                 self.take_run(path)
             elif job_dir is not None:
                 if path.suffix == ".safetensors":
@@ -108,14 +133,19 @@ class Dispatcher:
                     "convert the file to .safetensors"]))
             else:
                 self._once(path, "not a training run, checkpoint or request: left alone")
+        except NotReady as waiting:
+            self._once(path, str(waiting))
+            return False
         except IntakeError as exc:
-            self._reject(path, exc)
+            self._reject(Path(exc.path), exc)  # beside the file at fault, e.g. the run's config.yaml
+        except OSError as exc:  # the file vanished or cannot be read: look again when it changes
+            self._once(path, f"cannot read: {exc}")
         return True
 
     def _owning_run(self, path: Path) -> Path | None:
         """The ai-toolkit run folder that holds `path` (a parent with config.yaml), within the roots."""
         for parent in path.parents:
-            if (parent / JOB_CONFIG).is_file():
+            if _is_aitk_config(parent / JOB_CONFIG):
                 return parent
             if any(parent == root for root in self._roots):
                 return None
@@ -129,8 +159,13 @@ class Dispatcher:
             self._once(config_path, warning)
         outcomes = [self._queue_renders(job, None)] if self._config.output.baseline else []
         for checkpoint in sorted(job.job_dir.glob("*.safetensors")):
-            if aitoolkit.is_checkpoint(job, checkpoint) and is_complete(checkpoint):
-                outcomes.append(self._queue_checkpoint(job, checkpoint))
+            if not aitoolkit.is_checkpoint(job, checkpoint):
+                continue
+            try:
+                if is_complete(checkpoint):
+                    outcomes.append(self._queue_checkpoint(job, checkpoint))
+            except SafetensorsHeaderError as exc:
+                self._reject(checkpoint, IntakeError(checkpoint, "checkpoint", [f"(file): {exc}"]))
         return outcomes
 
     def _take_checkpoint(self, config_path: Path, path: Path) -> bool:
@@ -142,10 +177,16 @@ class Dispatcher:
         if not aitoolkit.is_checkpoint(job, path):
             self._once(path, f"not a checkpoint of run {job.name!r}: left alone")
             return True
-        if not is_complete(path):
+        try:
+            complete = is_complete(path)
+        except SafetensorsHeaderError as exc:
+            self._reject(path, IntakeError(path, "checkpoint", [f"(file): {exc}"]))
+            return True
+        if not complete:
             self._once(path, "safetensors header does not match the file size yet: waiting")
             return False
         self._queue_checkpoint(job, path)
+        self._clear_error(path)
         return True
 
     def _queue_checkpoint(self, job: aitoolkit.AitkJob, path: Path) -> IntakeOutcome:
@@ -162,6 +203,9 @@ class Dispatcher:
         renders = aitoolkit.specs_for_checkpoint(job, str(snap) if snap else None, parity=self._config.parity,
                                                  resolve_image=self._images.resolve, lora_sha256=digest)
         out_dir = job.job_dir / self._config.output.dirname
+        if out_dir.is_symlink():
+            raise IntakeError(job.config_path, "aitk-job", [
+                f"{out_dir}: the previews folder is a symbolic link; previewd writes only inside the run"])
         gaps = tuple(aitoolkit.parity_gaps(job))
         name = path.name if path else None
         fmt = self._config.output.format
@@ -180,13 +224,18 @@ class Dispatcher:
         plan = requests.read_request(path, allowed_roots=[Path("/")] if trusted else self._roots,
                                      default_parity=self._config.parity,
                                      resolve_image=(self._trusted_images if trusted else self._images).resolve)
-        target_dir = out_dir or plan.output_dir or (self._config.outbox_root / plan.name)
+        if plan.output_dir is not None and not trusted:
+            self._check_output_dir(path, plan.output_dir)
+        target_dir = out_dir or plan.output_dir or (self._config.outbox_root / self._request_folder(path))
         fmt = plan.output_format or self._config.output.format
         tasks = []
+        snapped: dict[str, tuple[Path, str]] = {}
         for index, spec in plan.renders:
             checkpoint = step = None
             if spec.lora is not None:
-                snap, digest = snapshots.snapshot(Path(spec.lora.path), self._config.snapshot_dir)
+                if spec.lora.path not in snapped:
+                    snapped[spec.lora.path] = self._snapshot_lora(Path(spec.lora.path))
+                snap, digest = snapped[spec.lora.path]
                 checkpoint = Path(spec.lora.path).name
                 step = _lora_step(snap)
                 spec = spec.model_copy(update={"lora": LoraSpec(path=str(snap), sha256=digest,
@@ -195,6 +244,30 @@ class Dispatcher:
                 out_dir=str(target_dir), image_name=image_name(step, checkpoint, index, fmt), title=plan.name,
                 source=str(path), checkpoint=checkpoint, step=step, prompt_index=index, format=fmt)))
         return tasks
+
+    def _request_folder(self, path: Path) -> Path:
+        """Outbox folder of a request: its path below the watch root, so equal names never collide."""
+        resolved = path.resolve()
+        for root in self._roots:
+            if resolved.is_relative_to(root):
+                return resolved.relative_to(root).with_suffix("")
+        return Path(path.stem)
+
+    def _check_output_dir(self, path: Path, out_dir: Path) -> None:
+        resolved = out_dir.resolve()
+        if resolved in self._roots or self._owning_run(resolved / "x") is not None:
+            raise IntakeError(path, "request", [
+                f"output.dir: {out_dir} is a watched folder or a training run; previews there would hide "
+                "its files from previewd — name a folder of its own"])
+
+    def _snapshot_lora(self, lora: Path) -> tuple[Path, str]:
+        try:
+            complete = is_complete(lora)
+        except SafetensorsHeaderError as exc:
+            raise IntakeError(lora, "checkpoint", [f"loras.0.path: {exc}"]) from None
+        if not complete:
+            raise NotReady(f"LoRA {lora} is still being written: waiting")
+        return snapshots.snapshot(lora, self._config.snapshot_dir)
 
     def take_request(self, path: Path) -> IntakeOutcome:
         tasks = self.plan_request(path)
@@ -223,8 +296,9 @@ class Dispatcher:
         log.error("%s", exc)
         try:
             target = error_file(path)
-            if not target.exists() or target.read_text() != text:
-                target.write_text(text)
+            # atomic_write renames over the name, so a planted symlink is replaced, never followed.
+            if target.is_symlink() or not target.exists() or target.read_text() != text:
+                atomic_write(target, text.encode())
         except OSError as write_error:
             log.error("%s: cannot write the error file: %s", path, write_error)
 

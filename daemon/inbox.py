@@ -44,6 +44,12 @@ class _Handler(FileSystemEventHandler):
         self._watcher = watcher
 
     def on_any_event(self, event: FileSystemEvent) -> None:
+        try:
+            self._record(event)
+        except Exception:  # never let one odd path stop watchdog's dispatcher thread
+            log.exception("cannot handle file event %s", event)
+
+    def _record(self, event: FileSystemEvent) -> None:
         if event.event_type in ("opened", "deleted", "closed_no_write"):
             return
         for raw in (event.src_path, getattr(event, "dest_path", "")):
@@ -112,7 +118,7 @@ class InboxWatcher:
         self._wake.set()
 
     def scan_dir(self, directory: Path) -> None:
-        for dirpath, dirnames, filenames in os.walk(directory):
+        for dirpath, dirnames, filenames in os.walk(directory):  # os.walk does not follow dir links
             base = Path(dirpath)
             dirnames[:] = [d for d in dirnames if not self._ignore(base / d)]
             for name in filenames:
@@ -128,13 +134,16 @@ class InboxWatcher:
             self._wake.wait(timeout=min(0.5, max(self._settle / 2, 0.05)))
             self._wake.clear()
             now = time.monotonic()
-            if now >= next_rescan:
-                self.rescan()
-                next_rescan = now + self._rescan
-            for path in self._due(now):
-                if self._stop.is_set():
-                    break
-                self._deliver(path)
+            try:
+                if now >= next_rescan:
+                    next_rescan = now + self._rescan
+                    self.rescan()
+                for path in self._due(now):
+                    if self._stop.is_set():
+                        break
+                    self._deliver(path)
+            except Exception:  # the watcher must outlive any one bad file or folder
+                log.exception("inbox watcher: error while scanning; continuing")
 
     def _due(self, now: float) -> list[Path]:
         due = []

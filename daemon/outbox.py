@@ -20,6 +20,7 @@ from typing import Any, Iterator
 
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
+from previewd.errors import OutboxError
 from previewd.fileio import atomic_write
 from previewd.tasks import OutputTarget
 
@@ -80,10 +81,19 @@ def compare(ours: Image.Image, theirs_path: Path) -> dict[str, Any]:
 
 
 def read_manifest(out_dir: Path) -> dict[str, Any] | None:
+    """The folder's manifest; a corrupt one is kept aside as manifest.json.corrupt and started afresh
+    (every render is in its PNG's metadata, so nothing is lost)."""
+    path = out_dir / MANIFEST
     try:
-        return json.loads((out_dir / MANIFEST).read_text())
+        manifest = json.loads(path.read_text())
+        if isinstance(manifest, dict) and isinstance(manifest.get("renders"), list):
+            return manifest
     except FileNotFoundError:
         return None
+    except (ValueError, UnicodeDecodeError):
+        pass
+    os.replace(path, out_dir / f"{MANIFEST}.corrupt")
+    return None
 
 
 def _summarise(manifest: dict[str, Any]) -> None:
@@ -135,6 +145,8 @@ def write_render(target: OutputTarget, image: Image.Image, entry: dict[str, Any]
     `aitk_samples`: the run's own samples by (step, prompt index), to show beside ours.
     """
     out_dir = Path(target.out_dir)
+    if out_dir.is_symlink():
+        raise OutboxError(f"{out_dir}: the output folder is a symbolic link; previewd does not write through it")
     samples = aitk_samples or {}
     entry = dict(entry, image=target.image_name, rendered_at=datetime.now(timezone.utc).isoformat())
     if (sample := samples.get((target.step, target.prompt_index))) is not None:

@@ -145,8 +145,13 @@ class _Lease(threading.Thread):
 
     def run(self) -> None:
         while not self._done.wait(self._every):
-            if not self._store.heartbeat(self._job.id, self._worker, lease_seconds=self._lease,
-                                         progress=self.progress):
+            try:
+                alive = self._store.heartbeat(self._job.id, self._worker, lease_seconds=self._lease,
+                                              progress=self.progress)
+            except Exception:  # e.g. a locked or unreachable database: try again next beat
+                log.exception("job %d: lease renewal failed; retrying", self._job.id)
+                continue
+            if not alive:
                 self.lost.set()
                 return
 

@@ -81,9 +81,19 @@ class Service:
         notify("READY=1", "STATUS=watching for checkpoints")
 
     def main_loop(self) -> None:
+        failures = 0
         while not self.should_exit.is_set():
-            self.on_tick()
-            if self._scheduler.run_once(self.should_exit):
+            try:
+                self.on_tick()
+                worked = self._scheduler.run_once(self.should_exit)
+                failures = 0
+            except Exception:  # a database outage or similar: back off and keep the daemon up
+                failures += 1
+                delay = min(60.0, 2.0 ** failures)
+                log.exception("main loop error; retrying in %.0fs", delay)
+                self.should_exit.wait(delay)
+                continue
+            if worked:
                 continue
             if self.exit_when_idle and self._idle():
                 log.info("queue empty and inbox settled: exiting (--exit-when-idle)")
@@ -140,8 +150,15 @@ class Service:
         self.should_exit.wait()
         if self._stopped.wait(self.config.worker.shutdown_timeout_seconds):
             return
-        log.error("still busy %.0fs after the stop request: exiting now; the running job is taken up "
-                  "again when its lease expires", self.config.worker.shutdown_timeout_seconds)
+        current = self._scheduler.current
+        log.error("still busy %.0fs after the stop request: exiting now%s",
+                  self.config.worker.shutdown_timeout_seconds,
+                  f"; job {current.id} goes back to the queue" if current else "")
+        if current is not None:
+            try:
+                self._store.release(current.id, self.worker_id, "stopped while busy")
+            except Exception:  # its lease expires instead
+                log.exception("job %d: could not return it to the queue", current.id)
         os._exit(1)
 
     def _handle_exit(self, signum: int, frame: FrameType | None) -> None:

@@ -1,8 +1,10 @@
 """previewd's own copies of accepted checkpoints.
 
 ai-toolkit deletes old checkpoints (max_step_saves_to_keep), so a queued render must not depend
-on the training folder: each accepted file is hard-linked (or copied, across filesystems) into
-state_dir, named by its content hash.
+on the training folder: each accepted file is copied into state_dir, named by its content hash.
+A copy, not a hard link: safetensors rewrites a file in place when a name is saved again (a
+resumed run), which would change a linked snapshot under its hash. LoRA files are small, and
+on copy-on-write filesystems the kernel's copy_file_range makes the copy a reflink.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ def sha256_file(path: Path) -> str:
 def snapshot(source: Path, snapshot_dir: Path) -> tuple[Path, str]:
     """Keep a stable copy of `source`; returns (snapshot path, sha256 of its content).
 
-    The link is made before hashing, so the content we hash is the content we keep even if the
+    The copy is made before hashing, so the content we hash is the content we keep even if the
     trainer deletes or rewrites the original meanwhile.
     """
     snapshot_dir.mkdir(parents=True, exist_ok=True)
@@ -35,15 +37,12 @@ def snapshot(source: Path, snapshot_dir: Path) -> tuple[Path, str]:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        tmp.unlink()
-        try:
-            os.link(source, tmp)
-        except OSError:
-            shutil.copyfile(source, tmp)
+        shutil.copyfile(source, tmp)
         digest = sha256_file(tmp)
         final = snapshot_dir / f"{digest}{source.suffix}"
         if final.exists():
             tmp.unlink()
+            os.utime(final)  # newly needed again: not old enough to prune
         else:
             os.replace(tmp, final)
         return final, digest
@@ -63,7 +62,10 @@ def prune(snapshot_dir: Path, keep: set[str], *, min_age_seconds: float, now: fl
     for path in snapshot_dir.iterdir():
         if path.name.startswith(".") or path.stem in keep:
             continue
-        if now - path.stat().st_ctime < min_age_seconds:  # ctime: a hard link keeps the old mtime
+        try:
+            if now - path.stat().st_ctime < min_age_seconds:
+                continue
+        except FileNotFoundError:  # another worker sharing state_dir pruned it first
             continue
         path.unlink(missing_ok=True)
         removed.append(path)

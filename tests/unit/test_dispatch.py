@@ -170,3 +170,72 @@ def test_baseline_renders_the_base_model_once_per_run(tmp_path):
         tasks = [RenderTask.model_validate(j.payload) for j in store.list_jobs()]
     assert [(t.target.image_name, t.target.step, t.target.checkpoint, t.spec.lora) for t in tasks] == [
         ("base_00.png", 0, None, None), ("base_01.png", 0, None, None)]
+
+
+def test_error_files_replace_planted_symlinks_instead_of_following_them(setup, tmp_path):
+    config, _store, dispatcher = setup
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    bad = config.inbox / "bad.yaml"
+    bad.write_text("model: nope\n")
+    error_file(bad).symlink_to(victim)
+    dispatcher.handle(bad)
+    assert victim.read_text() == "precious"
+    assert not error_file(bad).is_symlink() and "model" in error_file(bad).read_text()
+
+
+def test_a_corrupt_checkpoint_gets_an_error_file_and_does_not_block_the_others(setup):
+    config, store, dispatcher = setup
+    run = _run(config)
+    (run / "example_lora_000000250.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}......")
+    _checkpoint(run / "example_lora_000000500.safetensors")
+    dispatcher.handle(run / "config.yaml")
+    assert "example_lora_000000250" in error_file(run / "example_lora_000000250.safetensors").read_text()
+    assert {RenderTask.model_validate(j.payload).target.step for j in store.list_jobs()} == {500}
+
+
+def test_only_ai_toolkit_configs_make_a_folder_a_run(setup):
+    config, store, dispatcher = setup
+    (config.inbox / "team").mkdir()
+    (config.inbox / "team" / "config.yaml").write_text("something: else\n")  # not an ai-toolkit job
+    request = config.inbox / "team" / "req.yaml"
+    request.write_text("model: qwen_image_2512\nprompts: [{prompt: x}]\n")
+    dispatcher.handle(request)
+    assert len(store.list_jobs()) == 1
+
+
+def test_requests_with_the_same_name_in_different_folders_do_not_collide(setup):
+    config, store, dispatcher = setup
+    for team in ("alice", "bob"):
+        (config.inbox / team).mkdir()
+        (config.inbox / team / "req.yaml").write_text("model: qwen_image_2512\nprompts: [{prompt: x}]\n")
+        dispatcher.handle(config.inbox / team / "req.yaml")
+    assert sorted(RenderTask.model_validate(j.payload).target.out_dir for j in store.list_jobs()) == [
+        str(config.outbox_root / "alice" / "req"), str(config.outbox_root / "bob" / "req")]
+
+
+def test_request_output_dir_may_not_be_a_watched_folder_or_a_run(setup):
+    config, store, dispatcher = setup
+    run = _run(config)
+    for target in (run, config.inbox):
+        request = config.inbox / "r.yaml"
+        request.write_text(f"model: qwen_image_2512\nprompts: [{{prompt: x}}]\noutput: {{dir: '{target}'}}\n")
+        dispatcher.handle(request)
+        assert "output.dir" in error_file(request).read_text()
+    assert store.list_jobs() == []
+
+
+def test_a_symlinked_previews_folder_is_refused(setup, tmp_path):
+    config, store, dispatcher = setup
+    run = _run(config)
+    (tmp_path / "elsewhere").mkdir()
+    (run / "previews").symlink_to(tmp_path / "elsewhere")
+    dispatcher.handle(_checkpoint(run / "example_lora_000000250.safetensors"))
+    assert "symbolic link" in error_file(run / "config.yaml").read_text()
+    assert store.list_jobs() == []
+
+
+def test_ignore_survives_symlink_loops(setup):
+    config, _store, dispatcher = setup
+    (config.inbox / "loop").symlink_to(config.inbox / "loop")
+    assert dispatcher.ignore(config.inbox / "loop" / "x.yaml") is True

@@ -29,3 +29,13 @@ def test_prune_keeps_needed_and_young_snapshots(tmp_path):
     removed = prune(snaps, {"aaa"}, min_age_seconds=60, now=now + 120)
     assert sorted(p.name for p in removed) == ["bbb.safetensors", "ccc.safetensors"]
     assert [p.name for p in snaps.iterdir()] == ["aaa.safetensors"]
+
+
+def test_snapshot_is_unaffected_by_the_trainer_rewriting_the_file_in_place(tmp_path):
+    source = tmp_path / "lora_000000250.safetensors"
+    source.write_bytes(b"first run")
+    snap, digest = snapshot(source, tmp_path / "snaps")
+    with open(source, "r+b") as handle:  # what safetensors does when a resumed run saves the same name
+        handle.truncate(0)
+        handle.write(b"resumed run")
+    assert hashlib.sha256(snap.read_bytes()).hexdigest() == digest
