@@ -108,3 +108,10 @@ def test_samples_that_appear_after_our_render_are_paired_on_a_later_write(tmp_pa
     first = json.loads((out / "manifest.json").read_text())["renders"][0]
     assert first["step"] == 250 and first["aitk_sample"] == "../samples/9__000000250_0.png"
     assert first["aitk_sample_diff"]["max_abs_diff"] == 0
+
+
+def test_a_corrupt_manifest_is_set_aside_not_fatal(tmp_path):
+    (tmp_path / "manifest.json").write_text('{"renders": [ truncated')
+    _write(tmp_path, 250, 0, "green")
+    assert [r["step"] for r in json.loads((tmp_path / "manifest.json").read_text())["renders"]] == [250]
+    assert (tmp_path / "manifest.json.corrupt").read_text() == '{"renders": [ truncated'
