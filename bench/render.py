@@ -21,11 +21,12 @@ import numpy as np
 from PIL import Image
 
 from previewd import pipelines
+from previewd.catalog import MODELS
 from previewd.spec import MODEL_IDS, ControlImage, LoraSpec, ModelSource, RenderSpec
 
 
 def _controls(model_id: str, folder: Path, size: int) -> tuple[ControlImage, ...]:
-    kind = pipelines.MODELS[model_id].control
+    kind = MODELS[model_id].control
     if kind == "none":
         return ()
     path = folder / f"ctrl_{size}.png"

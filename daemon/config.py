@@ -12,6 +12,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from previewd.catalog import MODELS
 from previewd.errors import ConfigError
 from previewd.spec import MODEL_IDS, ModelSource
 
@@ -113,8 +114,6 @@ class Config(_Strict):
 
     def model_source(self, model_id: str) -> ModelSource:
         """Where `model_id` loads from: configured, else its hub id (through the local cache)."""
-        from previewd.pipelines.models import MODELS
-
         configured = self.models.get(model_id)
         if configured is None:
             return ModelSource(path=MODELS[model_id].hub_id)

@@ -23,6 +23,7 @@ from previewd.config import Config
 from previewd.errors import IntakeError, PreviewdError
 from previewd.intake import aitoolkit, request as requests
 from previewd.intake.images import ControlImageStore
+from previewd.intake.paths import PICKLED_SUFFIXES
 from previewd.intake.safetensors_header import SafetensorsHeaderError, is_complete, read_header
 from previewd.queue.store import JobStore
 from previewd.spec import LoraSpec
@@ -32,7 +33,6 @@ log = logging.getLogger(__name__)
 
 JOB_CONFIG = "config.yaml"
 REQUEST_SUFFIXES = (".yaml", ".yml", ".json")
-PICKLED_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 IGNORED_SUFFIXES = (".tmp", ".partial", ".part", ".error.txt", ".lock")
 MAX_TEXT_INPUT_BYTES = 16 * 2**20
 

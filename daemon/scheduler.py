@@ -17,7 +17,7 @@ from typing import Any, Callable
 from previewd import outbox
 from previewd.config import Config
 from previewd.errors import JobStateError, PipelineError, PipelineOutOfMemory, RenderInterrupted
-from previewd.intake.aitoolkit import aitk_samples
+from previewd.aitk_samples import find_samples
 from previewd.queue import Job, JobState, JobStore
 from previewd.retry import RetryPolicy
 from previewd.spec import RenderResult
@@ -122,7 +122,7 @@ class Renderer:
             "versions": self._versions,
             "source": target.source,
         }
-        samples = aitk_samples(Path(target.job_dir)) if target.job_dir else {}
+        samples = find_samples(Path(target.job_dir)) if target.job_dir else {}
         return outbox.write_render(target, result.image, entry, aitk_samples=samples,
                                    grid=self._config.output.grid, page=self._config.output.html)
 

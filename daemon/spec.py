@@ -26,10 +26,23 @@ MODEL_IDS: tuple[str, ...] = ModelId.__args__  # type: ignore[attr-defined]
 
 Parity = Literal["aitk", "reference"]
 ControlSlot = Literal["ctrl_img", "ctrl_img_1", "ctrl_img_2", "ctrl_img_3"]
+CONTROL_SLOTS: tuple[str, ...] = ControlSlot.__args__  # type: ignore[attr-defined]
+NUMBERED_CONTROL_SLOTS = CONTROL_SLOTS[1:]
+"""Edit-plus slots, filled in this order; `ctrl_img` is the single-image (and legacy) slot."""
 
 DEFAULT_STEPS = 25
 DEFAULT_GUIDANCE = 4.0
 DEFAULT_SEED = 42
+
+# One set of limits for every input path (requests, ai-toolkit runs, queued jobs): a value outside
+# them can never render, so intake refuses it where the user sees it.
+MIN_SIDE = 64
+"""Smallest side after flooring to the model's divisor."""
+MAX_SIDE = 4096
+MAX_STEPS = 1000
+MAX_GUIDANCE = 50.0
+MAX_MULTIPLIER = 4.0
+"""|network_multiplier| beyond this only produces noise."""
 
 
 class _Frozen(BaseModel):
@@ -39,7 +52,7 @@ class _Frozen(BaseModel):
 class LoraSpec(_Frozen):
     path: str
     """Local safetensors file (for queued jobs: previewd's own snapshot of the checkpoint)."""
-    network_multiplier: float = 1.0
+    network_multiplier: float = Field(1.0, ge=-MAX_MULTIPLIER, le=MAX_MULTIPLIER)
     sha256: str | None = None
     """Content hash of the file; identifies the checkpoint in records and idempotency keys."""
 
@@ -69,13 +82,13 @@ class RenderSpec(_Frozen):
     prompt: str
     """Final prompt text: trigger word injected and ai-toolkit `--flags` already parsed out."""
     neg: str = ""
-    width: int = Field(1024, ge=16, le=8192)
+    width: int = Field(1024, ge=16, le=MAX_SIDE)
     """Requested size; pipelines floor it to the model's divisor and report the effective size."""
-    height: int = Field(1024, ge=16, le=8192)
+    height: int = Field(1024, ge=16, le=MAX_SIDE)
     seed: int = Field(DEFAULT_SEED, ge=-1)
     """-1 draws a random seed; the seed actually used is in the result."""
-    sample_steps: int = Field(DEFAULT_STEPS, ge=1, le=1000)
-    guidance_scale: float = Field(DEFAULT_GUIDANCE, ge=0)
+    sample_steps: int = Field(DEFAULT_STEPS, ge=1, le=MAX_STEPS)
+    guidance_scale: float = Field(DEFAULT_GUIDANCE, ge=0, le=MAX_GUIDANCE)
     lora: LoraSpec | None = None
     control_images: tuple[ControlImage, ...] = ()
     aitk: AitkOptions = AitkOptions()

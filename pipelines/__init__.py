@@ -4,25 +4,40 @@ from __future__ import annotations
 
 import importlib
 
+from previewd.catalog import MODELS
 from previewd.errors import ConfigError
 from previewd.pipelines import _torchvision_compat
 from previewd.pipelines.base import PreviewPipeline
-from previewd.pipelines.models import MODELS, ModelInfo, validate_spec
 from previewd.spec import ModelSource
 
 _torchvision_compat.install()
 
-__all__ = ["MODELS", "ModelInfo", "PreviewPipeline", "create", "validate_spec"]
+__all__ = ["PreviewPipeline", "create"]
+
+_ADAPTERS = {
+    "qwen_image": ("qwen_image", "QwenImagePreview"),
+    "qwen_image_2512": ("qwen_image", "QwenImagePreview"),
+    "qwen_image_edit": ("qwen_image", "QwenImageEditPreview"),
+    "qwen_image_edit_plus": ("qwen_image", "QwenImageEditPlusPreview"),
+    "qwen_image_edit_plus_2511": ("qwen_image", "QwenImageEditPlusPreview"),
+    "flux2": ("flux2", "Flux2Preview"),
+}
+"""Model id -> (module under previewd.pipelines, adapter class)."""
+assert set(_ADAPTERS) == set(MODELS)
+
+
+def adapter_class(model_id: str) -> type:
+    if model_id not in _ADAPTERS:
+        raise ConfigError(f"unknown model id {model_id!r} (known: {', '.join(MODELS)})")
+    module, cls = _ADAPTERS[model_id]
+    return getattr(importlib.import_module(f"previewd.pipelines.{module}"), cls)
 
 
 def create(model_id: str, source: ModelSource, *, device: str = "auto",
            dtype: str = "auto") -> PreviewPipeline:
     """Build the adapter for `model_id` (weights are loaded by its `load()`)."""
-    info = MODELS.get(model_id)
-    if info is None:
-        raise ConfigError(f"unknown model id {model_id!r} (known: {', '.join(MODELS)})")
+    cls = adapter_class(model_id)
     from previewd.pipelines import device as devices
 
     resolved_device, resolved_dtype = devices.resolve(device, dtype)
-    module = importlib.import_module(f"previewd.pipelines.{info.module}")
-    return getattr(module, info.cls)(model_id, source, device=resolved_device, dtype=resolved_dtype)
+    return cls(model_id, source, device=resolved_device, dtype=resolved_dtype)

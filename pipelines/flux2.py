@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from previewd.catalog import MODELS, snap
 from previewd.errors import ConfigError, ControlImageError, NonFiniteOutput, PipelineOutOfMemory
 from previewd.pipelines import device as devices
 from previewd.pipelines import flux2_lora, flux2_numerics, flux2_sampler, flux2_text, flux2_vae
 from previewd.pipelines.base import StepCallback, StopCheck
-from previewd.pipelines.models import MODELS, snap
 from previewd.pipelines.sources import resolve_source
 from previewd.spec import ModelSource, RenderResult, RenderSpec
 

@@ -27,12 +27,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from previewd.catalog import MODELS, snap, validate_spec
 from previewd.errors import LoraError, NonFiniteOutput, PipelineError, RenderInterrupted
 from previewd.pipelines import device as devices
 from previewd.pipelines.base import StepCallback, StopCheck
 from previewd.pipelines.base_weights import BaseWeights
 from previewd.pipelines.lora import LoraWeights, linear_module_names, load_lora
-from previewd.pipelines.models import MODELS, snap, validate_spec
 from previewd.pipelines.sources import resolve_source
 from previewd.pipelines import qwen_encode
 from previewd.pipelines.qwen_encode import (
@@ -93,7 +93,9 @@ class _QwenPreview:
     control_kind = "none"
 
     def __init__(self, model_id: str, source: ModelSource, *, device: str, dtype: str) -> None:
-        if model_id not in MODELS or MODELS[model_id].cls != type(self).__name__:
+        from previewd.pipelines import adapter_class
+
+        if model_id not in MODELS or adapter_class(model_id) is not type(self):
             raise PipelineError(f"{type(self).__name__} cannot render model id {model_id!r}")
         self.model_id = model_id
         self.info = MODELS[model_id]

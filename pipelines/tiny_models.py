@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from previewd.pipelines import tiny_flux2, tiny_qwen
-from previewd.pipelines.models import MODELS
+from previewd.catalog import MODELS
 
 _BUILDERS = {model_id: (tiny_flux2.build if model_id == "flux2" else tiny_qwen.build) for model_id in MODELS}
 

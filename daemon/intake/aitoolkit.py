@@ -21,12 +21,11 @@ from previewd.intake.controls import ControlResolver, ResolveImage
 from previewd.intake.paths import is_url, resolve_path
 from previewd.intake.prompt_flags import (PromptFlagError, aitk_seeds, floor_size, inject_trigger,
                                           parse_prompt_flags)
-from previewd.pipelines.models import validate_spec
-from previewd.spec import AitkOptions, ControlImage, LoraSpec, RenderSpec
+from previewd.catalog import validate_spec
+from previewd.spec import CONTROL_SLOTS, AitkOptions, ControlImage, LoraSpec, RenderSpec
 
 KIND = "aitk-job"
 SAMPLE = "config.process[0].sample"
-CONTROL_SLOTS = ("ctrl_img", "ctrl_img_1", "ctrl_img_2", "ctrl_img_3")
 
 # SampleConfig defaults (toolkit/config_modules.py); `neg` really is the bool False.
 _SECTION_DEFAULTS: dict[str, Any] = {"width": 512, "height": 512, "neg": False, "seed": 0, "walk_seed": False,
@@ -36,7 +35,6 @@ _ITEM_KEYS = {"prompt", "width", "height", "neg", "seed", "guidance_scale", "sam
               "network_multiplier", "ctrl_idx", "do_cfg_norm", *CONTROL_SLOTS}
 _MISSING_IMAGE_HELP = (" — ai-toolkit opens control images from this machine's disk, so these samples cannot "
                        "be rendered; fix the paths in config.yaml (relative paths are read from the job folder)")
-_SAMPLE_FILE = re.compile(r"^(\d+)__(\d{9,})_(\d+)\.(jpg|jpeg|png|webp)$")
 
 # Variant named by name_or_path (lower-case, `_` read as `-`), most specific first.
 _VARIANTS = (("qwen-image-edit-2511", "qwen_image_edit_plus_2511"),
@@ -431,25 +429,4 @@ def parity_gaps(job: AitkJob) -> list[str]:
         gaps.append(f"checkpoints are saved in {s['save_dtype']}; ai-toolkit samples with the live training "
                     "weights, previewd with the saved ones")
     return gaps
-
-
-def aitk_samples(job_dir: Path) -> dict[tuple[int, int], Path]:
-    """ai-toolkit's own samples `<job_dir>/samples/<ms>__<step:09d>_<index>.<ext>` by (step, index);
-    where a step was sampled twice (resume, "sample now"), the newest set.
-
-    Takes the run folder, not an AitkJob: samples appear after the checkpoint, so they are looked
-    up when renders are written, from the job's recorded folder.
-    """
-    newest: dict[tuple[int, int], tuple[int, Path]] = {}
-    try:
-        paths = [p for p in (Path(job_dir) / "samples").iterdir() if p.is_file()]
-    except OSError:
-        return {}
-    for path in paths:
-        match = _SAMPLE_FILE.match(path.name)
-        if match:
-            key, ms = (int(match.group(2)), int(match.group(3))), int(match.group(1))
-            if key not in newest or ms > newest[key][0]:
-                newest[key] = (ms, path)
-    return {key: path for key, (_ms, path) in newest.items()}
 

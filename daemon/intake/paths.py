@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+PICKLED_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+"""Weights in these formats are never opened: unpickling runs arbitrary code."""
+
 
 def resolve_path(raw: str, base_dir: Path) -> Path:
     """`raw` with `~` expanded, relative to `base_dir`, symlinks resolved (so links cannot escape)."""

@@ -21,13 +21,14 @@ from previewd.errors import IntakeError
 from previewd.intake.controls import ControlResolver, ResolveImage
 from previewd.intake.paths import is_url, outside_roots_message, resolve_path, within
 from previewd.intake.prompt_flags import PromptFlagError, aitk_seeds, floor_size, parse_prompt_flags
-from previewd.pipelines.models import validate_spec
-from previewd.spec import (DEFAULT_GUIDANCE, DEFAULT_SEED, DEFAULT_STEPS, MODEL_IDS, AitkOptions,
-                           LoraSpec, ModelId, Parity, RenderSpec)
+from previewd.catalog import validate_spec
+from previewd.intake.paths import PICKLED_SUFFIXES
+from previewd.spec import (CONTROL_SLOTS, DEFAULT_GUIDANCE, DEFAULT_SEED, DEFAULT_STEPS, MAX_GUIDANCE,
+                           MAX_MULTIPLIER, MAX_SIDE, MAX_STEPS, MIN_SIDE, MODEL_IDS, AitkOptions, LoraSpec,
+                           ModelId, Parity, RenderSpec)
 
 KIND = "request"
 DEFAULT_SIZE = 1024
-PICKLED_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 
 
 class _Strict(BaseModel):
@@ -37,11 +38,11 @@ class _Strict(BaseModel):
 class PromptIn(_Strict):
     prompt: str
     trigger_word: str | None = None
-    width: int | None = Field(None, ge=64, le=4096)
-    height: int | None = Field(None, ge=64, le=4096)
+    width: int | None = Field(None, ge=MIN_SIDE, le=MAX_SIDE)
+    height: int | None = Field(None, ge=MIN_SIDE, le=MAX_SIDE)
     seed: int | None = Field(None, ge=-1)
-    sample_steps: int | None = Field(None, ge=1, le=150)
-    guidance_scale: float | None = Field(None, ge=0, le=20)
+    sample_steps: int | None = Field(None, ge=1, le=MAX_STEPS)
+    guidance_scale: float | None = Field(None, ge=0, le=MAX_GUIDANCE)
     neg: str | None = None
     sampler: str | None = None
     """Accepted for compatibility; neither ai-toolkit (qwen/flux2) nor the reference server reads it."""
@@ -49,13 +50,13 @@ class PromptIn(_Strict):
     ctrl_img_1: str | None = None
     ctrl_img_2: str | None = None
     ctrl_img_3: str | None = None
-    network_multiplier: float | None = Field(None, ge=-2, le=2)
+    network_multiplier: float | None = Field(None, ge=-MAX_MULTIPLIER, le=MAX_MULTIPLIER)
     """previewd extension (ai-toolkit's per-sample multiplier); overrides loras[0].network_multiplier."""
 
 
 class LoraIn(_Strict):
     path: str
-    network_multiplier: float | None = Field(None, ge=-2, le=2)
+    network_multiplier: float | None = Field(None, ge=-MAX_MULTIPLIER, le=MAX_MULTIPLIER)
     transformer: None = None
 
     @field_validator("transformer", mode="before")
@@ -201,7 +202,7 @@ def read_request(path: Path, *, allowed_roots: list[Path], default_parity: Parit
         if settings is None:
             continue
         flag_ctrl = settings.pop("ctrl_img", None)
-        sources = {slot: getattr(item, slot) for slot in ("ctrl_img", "ctrl_img_1", "ctrl_img_2", "ctrl_img_3")}
+        sources = {slot: getattr(item, slot) for slot in CONTROL_SLOTS}
         if flag_ctrl is not None:
             sources["ctrl_img"] = flag_ctrl
         controls, failed = resolver.resolve(where, sources.items())

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from previewd import pipelines
+from previewd.catalog import MODELS
 from previewd.spec import MODEL_IDS, ControlImage, ModelSource, RenderSpec
 
 pytestmark = pytest.mark.slow
@@ -35,7 +36,7 @@ def control(tmp_path_factory) -> ControlImage:
 
 @pytest.mark.parametrize("model_id", MODEL_IDS)
 def test_every_model_id_renders_from_its_tiny_folder(model_id, tiny_dir, control):
-    info = pipelines.MODELS[model_id]
+    info = MODELS[model_id]
     controls = ()
     if info.control == "single":
         controls = (control.model_copy(update={"slot": "ctrl_img"}),)

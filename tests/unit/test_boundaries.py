@@ -6,10 +6,12 @@ import sys
 import pytest
 
 FORBIDDEN = {
-    "previewd.config": {"torch", "sqlalchemy", "watchdog", "diffusers"},
-    "previewd.spec": {"torch", "sqlalchemy", "watchdog"},
-    "previewd.intake.aitoolkit": {"torch", "sqlalchemy", "watchdog", "diffusers"},
-    "previewd.intake.request": {"torch", "sqlalchemy", "watchdog", "diffusers"},
+    "previewd.config": {"torch", "sqlalchemy", "watchdog", "diffusers", "previewd.pipelines"},
+    "previewd.spec": {"torch", "sqlalchemy", "watchdog", "previewd.pipelines"},
+    "previewd.catalog": {"torch", "sqlalchemy", "watchdog", "previewd.pipelines"},
+    "previewd.intake": {"torch", "sqlalchemy", "watchdog", "diffusers", "previewd.pipelines"},
+    "previewd.intake.aitoolkit": {"torch", "sqlalchemy", "watchdog", "diffusers", "previewd.pipelines"},
+    "previewd.intake.request": {"torch", "sqlalchemy", "watchdog", "diffusers", "previewd.pipelines"},
     "previewd.queue": {"torch", "diffusers", "watchdog", "previewd.pipelines", "previewd.intake"},
     "previewd.outbox": {"torch", "sqlalchemy", "previewd.queue"},
     "previewd.pipelines": {"torch", "sqlalchemy", "watchdog", "previewd.queue"},

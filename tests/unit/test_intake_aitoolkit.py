@@ -5,7 +5,7 @@ import yaml
 from PIL import Image
 
 from previewd.errors import ControlImageError, IntakeError
-from previewd.intake.aitoolkit import (checkpoint_step, aitk_samples, is_checkpoint, model_id, read_job,
+from previewd.intake.aitoolkit import (checkpoint_step, is_checkpoint, model_id, read_job,
                                        specs_for_checkpoint)
 from previewd.intake.images import ControlImageStore
 
@@ -269,22 +269,6 @@ def test_checkpoints_and_steps(tmp_path):
                   "other_000000250.safetensors", "my_lora_000000250.safetensors.tmp"):
         assert not is_checkpoint(job, d / other) and checkpoint_step(job, d / other) is None
     assert not is_checkpoint(job, tmp_path / "my_lora_000000250.safetensors")  # not in the job folder
-
-
-def test_aitk_samples_newest_set_wins(tmp_path):
-    job = read_job(write_job(tmp_path))
-    samples = job.job_dir / "samples"
-    (samples / ".tmp").mkdir(parents=True)
-    (samples / ".thumbs").mkdir()
-    for name in ("1724085406830__000000250_0.jpg", "1724085499999__000000250_0.jpg",
-                 "1724085406830__000000250_1.jpg", "1724085406830__000000500_0.jpg"):
-        (samples / name).write_bytes(b"x")
-    (samples / ".tmp" / "1800000000000__000000250_0.jpg").write_bytes(b"x")
-    (samples / ".thumbs" / "1800000000000__000000250_0.jpg").write_bytes(b"x")
-    found = aitk_samples(job.job_dir)
-    assert found[(250, 0)] == samples / "1724085499999__000000250_0.jpg"
-    assert found[(250, 1)].name == "1724085406830__000000250_1.jpg"
-    assert (750, 0) not in found
 
 
 def test_not_a_job_config(tmp_path):

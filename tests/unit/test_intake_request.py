@@ -94,12 +94,12 @@ def test_flag_parsing_opt_in(inbox, store):
 def test_schema_errors_name_every_field(inbox, store):
     got = problems(inbox, store, {"model": "qwen_image_2512", "prompts": [
         {"prompt": "a"}, {"prompt": "b", "width": 12, "sample_step": 3, "seed": -2}],
-        "loras": [{"path": "ck.safetensors", "network_multiplier": 3, "transformer": "low"}],
+        "loras": [{"path": "ck.safetensors", "network_multiplier": 5, "transformer": "low"}],
         "output": {"format": "gif"}, "extra": 1})
     assert "prompts.1.width: Input should be greater than or equal to 64 (got 12)" in got
     assert "prompts.1.sample_step: unknown field (extra_forbidden); did you mean 'sample_steps'?" in got
     assert "prompts.1.seed: Input should be greater than or equal to -1 (got -2)" in got
-    assert "loras.0.network_multiplier: Input should be less than or equal to 2 (got 3)" in got
+    assert "loras.0.network_multiplier: Input should be less than or equal to 4 (got 5)" in got
     assert any(p.startswith("loras.0.transformer: Value error, MoE") for p in got)
     assert any(p.startswith("output.format: Input should be 'png' or 'jpg' (got 'gif')") for p in got)
     assert "extra: unknown field (extra_forbidden)" in got

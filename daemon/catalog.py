@@ -1,20 +1,23 @@
-"""What each model id is, without importing torch: intake validates requests against this."""
+"""What each model id is and what a render may ask of it; torch-free, so config, intake and the
+queue can validate without importing the pipelines.
+
+The limits every input path shares (requests, ai-toolkit runs, the queued spec) are in
+`previewd.spec`, beside the fields they bound.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
 
-from previewd.spec import MODEL_IDS, RenderSpec
+from previewd.spec import MIN_SIDE, MODEL_IDS, RenderSpec
 
 
 @dataclass(frozen=True)
 class ModelInfo:
     id: str
     hub_id: str
-    module: str
-    """Module (under previewd.pipelines) and class that render this id."""
-    cls: str
+    family: Literal["qwen", "flux2"]
     control: Literal["none", "single", "multi"]
     """none: text-to-image; single: `ctrl_img` required; multi: `ctrl_img_1` required, `_2`/`_3` optional."""
     lora_mode: Literal["fuse", "adapter", "merge"]
@@ -25,20 +28,15 @@ class ModelInfo:
 MODELS: dict[str, ModelInfo] = {
     m.id: m
     for m in (
-        ModelInfo("qwen_image", "Qwen/Qwen-Image", "qwen_image", "QwenImagePreview", "none", "adapter"),
-        ModelInfo("qwen_image_2512", "Qwen/Qwen-Image-2512", "qwen_image", "QwenImagePreview", "none", "fuse"),
-        ModelInfo("qwen_image_edit", "Qwen/Qwen-Image-Edit", "qwen_image", "QwenImageEditPreview", "single",
-                  "adapter"),
-        ModelInfo("qwen_image_edit_plus", "Qwen/Qwen-Image-Edit-2509", "qwen_image", "QwenImageEditPlusPreview",
-                  "multi", "adapter"),
-        ModelInfo("qwen_image_edit_plus_2511", "Qwen/Qwen-Image-Edit-2511", "qwen_image",
-                  "QwenImageEditPlusPreview", "multi", "fuse"),
-        ModelInfo("flux2", "black-forest-labs/FLUX.2-dev", "flux2", "Flux2Preview", "none", "merge"),
+        ModelInfo("qwen_image", "Qwen/Qwen-Image", "qwen", "none", "adapter"),
+        ModelInfo("qwen_image_2512", "Qwen/Qwen-Image-2512", "qwen", "none", "fuse"),
+        ModelInfo("qwen_image_edit", "Qwen/Qwen-Image-Edit", "qwen", "single", "adapter"),
+        ModelInfo("qwen_image_edit_plus", "Qwen/Qwen-Image-Edit-2509", "qwen", "multi", "adapter"),
+        ModelInfo("qwen_image_edit_plus_2511", "Qwen/Qwen-Image-Edit-2511", "qwen", "multi", "fuse"),
+        ModelInfo("flux2", "black-forest-labs/FLUX.2-dev", "flux2", "none", "merge"),
     )
 }
 assert set(MODELS) == set(MODEL_IDS)
-
-MIN_SIDE = 64
 
 
 def snap(value: int, divisor: int) -> int:
