@@ -9,13 +9,12 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from previewd.config import Config, load_config
 from previewd.errors import PreviewdError
+from previewd.fileio import atomic_copy
 
 log = logging.getLogger("previewd")
 
@@ -61,16 +60,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    from previewd.dispatch import Dispatcher
-    from previewd.scheduler import Renderer
+    from previewd.fileio import write_missing
+    from previewd.intake.planner import Planner
+    from previewd.worker import Renderer
 
     config = _load(args)
-    tasks = Dispatcher(config, store=None).plan_request(Path(args.request), trusted=True,
-                                                        out_dir=Path(args.out).resolve() if args.out else None)
+    plan = Planner(config).plan_request(Path(args.request), trusted=True,
+                                        out_dir=Path(args.out).resolve() if args.out else None)
+    write_missing(plan.assets)
     renderer = Renderer(config)
     failures = 0
     try:
-        for task in tasks:
+        for task in plan.tasks:
             try:
                 result = renderer.render(task)
                 entry = renderer.write(task, result)
@@ -78,7 +79,7 @@ def cmd_render(args: argparse.Namespace) -> int:
                 failures += 1
                 log.error("prompt %d: %s", task.target.prompt_index, exc)
                 continue
-            print(Path(task.target.out_dir) / entry["image"])
+            print(Path(task.target.out_dir) / entry.image)
     finally:
         renderer.close()
     return EXIT_FAILURE if failures else EXIT_OK
@@ -96,11 +97,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         while target.exists():
             target = config.inbox / f"{source.stem}-{counter}{source.suffix}"
             counter += 1
-        # Copy under a hidden name, then rename: the watcher never sees a half-written request.
-        fd, tmp = tempfile.mkstemp(dir=config.inbox, prefix=".submit-", suffix=".tmp")
-        os.close(fd)
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
+        # The watcher never sees a half-written request.
+        atomic_copy(source, target)
         print(target)
     return EXIT_OK
 
@@ -132,7 +130,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "prompt_index": target.get("prompt_index"), "out_dir": target.get("out_dir"),
                 "last_error": job.last_error}
 
-    from previewd.dispatch import rejected_inputs
+    from previewd.rejections import rejected_inputs
 
     report = {"counts": counts, "running": [job_view(j) for j in running],
               "failed": [job_view(j) for j in failed],

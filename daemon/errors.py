@@ -37,6 +37,10 @@ class IntakeError(PreviewdError):
         super().__init__(f"{self.path}: invalid {kind} ({len(self.problems)} problem(s)):\n{lines}")
 
 
+class NotReady(PreviewdError):
+    """An input names a file that is still being written; it is read again later."""
+
+
 class ControlImageError(PreviewdError):
     """A control image could not be loaded."""
 

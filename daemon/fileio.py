@@ -1,24 +1,60 @@
-"""Atomic file writes: a reader never sees half a file, a crash never leaves a corrupt one."""
+"""Atomic file writes: a reader never sees half a file, a crash never leaves a corrupt one.
+
+Everything is written under a hidden temporary name in the target's own folder (the watcher
+ignores dot files) and renamed into place, which is atomic within one filesystem.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+@contextlib.contextmanager
+def staged(folder: Path, name: str) -> Iterator[Path]:
+    """A temporary file in `folder` for the caller to fill and `os.replace` into place; removed
+    if it is still there afterwards (the caller failed, or decided not to keep it)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as handle:
+        yield Path(tmp)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to a temporary file beside `path`, fsync, then rename over `path`."""
+    with staged(path.parent, path.name) as tmp:
+        with open(tmp, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+
+
+@contextlib.contextmanager
+def staged_copy(source: Path, folder: Path) -> Iterator[Path]:
+    """A private copy of `source` in `folder` (copy_file_range: a reflink where the filesystem
+    can), for the caller to check and rename into place."""
+    with staged(folder, source.name) as tmp:
+        shutil.copyfile(source, tmp)
+        yield tmp
+
+
+def atomic_copy(source: Path, target: Path) -> None:
+    """Copy `source` to `target` so that `target` appears complete or not at all."""
+    with staged_copy(source, target.parent) as tmp:
+        os.replace(tmp, target)
+
+
+def write_missing(files: dict[Path, bytes]) -> None:
+    """Write each content-addressed file that does not exist yet (its name says its content)."""
+    for path, data in files.items():
+        if not path.exists():
+            atomic_write(path, data)

@@ -19,20 +19,21 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
+from pydantic import ValidationError
 
 from previewd.errors import OutboxError
 from previewd.fileio import atomic_write
+from previewd.manifest import Manifest, RenderEntry
 from previewd.tasks import OutputTarget
 
 MANIFEST = "manifest.json"
 GRID = "grid.png"
 PAGE = "index.html"
 LOCK = ".manifest.lock"
+"""Serialises writers of one folder; its presence also marks the folder as previewd's output."""
 THUMBS = ".thumbs"
 """Small copies of each render, so the grid is rebuilt from thumbnails rather than full images."""
 _GRID_MAX_SIDE = 8192
-"""Serialises writers of one folder; its presence also marks the folder as previewd's output."""
-MANIFEST_VERSION = 1
 _CELL = 256
 _LABEL_H = 18
 
@@ -80,66 +81,41 @@ def compare(ours: Image.Image, theirs_path: Path) -> dict[str, Any]:
             "psnr_db": None if mse == 0 else round(10 * math.log10(255.0 ** 2 / mse), 3)}
 
 
-def read_manifest(out_dir: Path) -> dict[str, Any] | None:
+def read_manifest(out_dir: Path) -> Manifest | None:
     """The folder's manifest; a corrupt one is kept aside as manifest.json.corrupt and started afresh
     (every render is in its PNG's metadata, so nothing is lost)."""
     path = out_dir / MANIFEST
     try:
-        manifest = json.loads(path.read_text())
-        if isinstance(manifest, dict) and isinstance(manifest.get("renders"), list):
-            return manifest
+        return Manifest.model_validate_json(path.read_bytes())
     except FileNotFoundError:
         return None
-    except (ValueError, UnicodeDecodeError):
+    except ValidationError:
         pass
     os.replace(path, out_dir / f"{MANIFEST}.corrupt")
     return None
 
 
-def _summarise(manifest: dict[str, Any]) -> None:
-    """Derive the prompt and checkpoint lists from the renders (one source of truth)."""
-    renders = sorted(manifest["renders"], key=lambda r: (_step_key(r), r["prompt_index"], r["image"]))
-    manifest["renders"] = renders
-    prompts: dict[int, dict[str, Any]] = {}
-    checkpoints: dict[str, dict[str, Any]] = {}
-    for r in renders:
-        prompts.setdefault(r["prompt_index"], {"index": r["prompt_index"], "prompt": r["prompt"], "neg": r["neg"]})
-        label = r["checkpoint"] or "base"
-        checkpoints.setdefault(label, {"checkpoint": r["checkpoint"], "step": r["step"],
-                                       "sha256": r.get("checkpoint_sha256")})
-    manifest["prompts"] = [prompts[i] for i in sorted(prompts)]
-    manifest["checkpoints"] = sorted(checkpoints.values(), key=_step_key)
+def _attach_sample(entry: RenderEntry, out_dir: Path, sample: Path, image: Image.Image) -> None:
+    entry.aitk_sample = os.path.relpath(sample, out_dir)
+    entry.aitk_sample_diff = compare(image, sample)
 
 
-def _step_key(entry: dict[str, Any]) -> tuple:
-    # The base model first, then by step, then checkpoints without a known step by name.
-    if entry.get("checkpoint") is None:
-        return (0, 0, "")
-    step = entry.get("step")
-    return (1, step, "") if step is not None else (2, 0, entry.get("checkpoint") or "")
-
-
-def _attach_sample(entry: dict[str, Any], out_dir: Path, sample: Path, image: Image.Image) -> None:
-    entry["aitk_sample"] = os.path.relpath(sample, out_dir)
-    entry["aitk_sample_diff"] = compare(image, sample)
-
-
-def _backfill_samples(manifest: dict[str, Any], out_dir: Path, samples: dict[tuple[int, int], Path]) -> None:
+def _backfill_samples(manifest: Manifest, out_dir: Path, samples: dict[tuple[int, int], Path]) -> None:
     """ai-toolkit often finishes its own sample of a step after we rendered it: pair them later."""
-    for entry in manifest["renders"]:
-        sample = samples.get((entry.get("step"), entry["prompt_index"]))
-        if sample is None or entry.get("aitk_sample"):
+    for entry in manifest.renders:
+        sample = samples.get((entry.step, entry.prompt_index))
+        if sample is None or entry.aitk_sample:
             continue
         try:
-            with Image.open(out_dir / entry["image"]) as ours:
+            with Image.open(out_dir / entry.image) as ours:
                 _attach_sample(entry, out_dir, sample, ours.convert("RGB"))
         except OSError:
             continue
 
 
-def write_render(target: OutputTarget, image: Image.Image, entry: dict[str, Any], *,
+def write_render(target: OutputTarget, image: Image.Image, entry: RenderEntry, *,
                  aitk_samples: dict[tuple[int, int], Path] | None = None, grid: bool = True,
-                 page: bool = True) -> dict[str, Any]:
+                 page: bool = True) -> RenderEntry:
     """Write one render and fold it into the manifest, grid and page. Returns the manifest entry.
 
     `aitk_samples`: the run's own samples by (step, prompt index), to show beside ours.
@@ -148,21 +124,23 @@ def write_render(target: OutputTarget, image: Image.Image, entry: dict[str, Any]
     if out_dir.is_symlink():
         raise OutboxError(f"{out_dir}: the output folder is a symbolic link; previewd does not write through it")
     samples = aitk_samples or {}
-    entry = dict(entry, image=target.image_name, rendered_at=datetime.now(timezone.utc).isoformat())
+    entry = entry.model_copy(update={"image": target.image_name,
+                                     "rendered_at": datetime.now(timezone.utc).isoformat()})
     if (sample := samples.get((target.step, target.prompt_index))) is not None:
         _attach_sample(entry, out_dir, sample, image)
     with _locked(out_dir):
-        atomic_write(out_dir / target.image_name, encode_image(image, target.format, entry))
+        atomic_write(out_dir / target.image_name,
+                     encode_image(image, target.format, entry.model_dump(mode="json")))
         if grid:
             atomic_write(out_dir / THUMBS / f"{target.image_name}.png", _thumbnail(image))
-        manifest = read_manifest(out_dir) or {"version": MANIFEST_VERSION, "renders": []}
-        manifest.update(title=target.title, source=target.source, job_dir=target.job_dir,
-                        model=entry.get("model"), updated_at=entry["rendered_at"],
-                        parity_gaps=list(target.parity_gaps))
-        manifest["renders"] = [r for r in manifest["renders"] if r["image"] != target.image_name] + [entry]
+        manifest = read_manifest(out_dir) or Manifest()
+        manifest.title, manifest.source, manifest.job_dir = target.title, target.source, target.job_dir
+        manifest.model, manifest.updated_at = entry.model, entry.rendered_at
+        manifest.parity_gaps = list(target.parity_gaps)
+        manifest.renders = [r for r in manifest.renders if r.image != target.image_name] + [entry]
         _backfill_samples(manifest, out_dir, samples)
-        _summarise(manifest)
-        atomic_write(out_dir / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
+        manifest.summarise()
+        atomic_write(out_dir / MANIFEST, manifest.model_dump_json(indent=2).encode())
         if grid:
             atomic_write(out_dir / GRID, render_grid(out_dir, manifest))
         if page:
@@ -182,34 +160,32 @@ def _thumbnail(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def render_grid(out_dir: Path, manifest: dict[str, Any]) -> bytes:
+def render_grid(out_dir: Path, manifest: Manifest) -> bytes:
     """Contact sheet: one row per checkpoint (by step), one column per prompt, labelled."""
-    rows = manifest["checkpoints"]
-    cols = manifest["prompts"]
-    by_cell = {((r["checkpoint"] or "base"), r["prompt_index"]): r for r in manifest["renders"]}
+    rows = manifest.checkpoints
+    cols = manifest.prompts
+    by_cell = {(r.row_key, r.prompt_index): r for r in manifest.renders}
     # Cells fit the largest render, capped, so small previews are not lost in white space; long
     # runs get smaller cells so the sheet stays a viewable size.
-    cell = min(_CELL, max(max(r["width"], r["height"]) for r in manifest["renders"]),
+    cell = min(_CELL, max(max(r.width, r.height) for r in manifest.renders),
                max(32, _GRID_MAX_SIDE // max(len(rows), len(cols))))
     label_w = 150
     sheet = Image.new("RGB", (label_w + cell * len(cols), _LABEL_H + (cell + 4) * len(rows)), "white")
     draw = ImageDraw.Draw(sheet)
     font = _font()
     for c, prompt in enumerate(cols):
-        text = f"#{prompt['index']}: {prompt['prompt']}"[:40]
+        text = f"#{prompt.index}: {prompt.prompt}"[:40]
         draw.text((label_w + c * cell + 4, 3), text, fill="black", font=font)
     for r, ckpt in enumerate(rows):
         y = _LABEL_H + r * (cell + 4)
-        label = "base model" if ckpt["checkpoint"] is None else (
-            f"step {ckpt['step']}" if ckpt["step"] is not None else ckpt["checkpoint"])
-        draw.text((4, y + cell // 2 - 6), label, fill="black", font=font)
+        draw.text((4, y + cell // 2 - 6), ckpt.label, fill="black", font=font)
         for c, prompt in enumerate(cols):
-            render = by_cell.get((ckpt["checkpoint"] or "base", prompt["index"]))
+            render = by_cell.get((ckpt.checkpoint or "base", prompt.index))
             if render is None:
                 continue
-            thumb = out_dir / THUMBS / f"{render['image']}.png"
+            thumb = out_dir / THUMBS / f"{render.image}.png"
             try:
-                with Image.open(thumb if thumb.exists() else out_dir / render["image"]) as tile:
+                with Image.open(thumb if thumb.exists() else out_dir / render.image) as tile:
                     tile = tile.convert("RGB")
                     tile.thumbnail((cell, cell))
                     sheet.paste(tile, (label_w + c * cell, y))
@@ -239,38 +215,35 @@ document.getElementById('all').onclick=()=>{slider.dataset.all='1';show(+slider.
 """
 
 
-def render_page(manifest: dict[str, Any]) -> str:
+def render_page(manifest: Manifest) -> str:
     """A single HTML file (inline CSS/JS, images by relative path) to browse the renders."""
     esc = html.escape
-    by_cell = {((r["checkpoint"] or "base"), r["prompt_index"]): r for r in manifest["renders"]}
-    head = "".join(f"<th>#{p['index']}<br>{esc(p['prompt'])}</th>" for p in manifest["prompts"])
+    by_cell = {(r.row_key, r.prompt_index): r for r in manifest.renders}
+    head = "".join(f"<th>#{p.index}<br>{esc(p.prompt)}</th>" for p in manifest.prompts)
     body = []
-    for ckpt in manifest["checkpoints"]:
-        key = ckpt["checkpoint"] or "base"
-        label = "base model" if ckpt["checkpoint"] is None else (
-            f"step {ckpt['step']}" if ckpt["step"] is not None else ckpt["checkpoint"])
+    for ckpt in manifest.checkpoints:
         cells = []
-        for p in manifest["prompts"]:
-            r = by_cell.get((key, p["index"]))
+        for p in manifest.prompts:
+            r = by_cell.get((ckpt.checkpoint or "base", p.index))
             if r is None:
                 cells.append("<td></td>")
                 continue
-            figures = [f"<figure><img src='{esc(r['image'])}' loading='lazy'><figcaption>previewd</figcaption></figure>"]
-            if r.get("aitk_sample"):
-                diff = r.get("aitk_sample_diff") or {}
+            figures = [f"<figure><img src='{esc(r.image)}' loading='lazy'><figcaption>previewd</figcaption></figure>"]
+            if r.aitk_sample:
+                diff = r.aitk_sample_diff or {}
                 note = diff.get("error") or f"mean |Δ| {diff.get('mean_abs_diff')}, PSNR {diff.get('psnr_db')} dB"
-                figures.append(f"<figure><img src='{esc(r['aitk_sample'])}' loading='lazy'>"
+                figures.append(f"<figure><img src='{esc(r.aitk_sample)}' loading='lazy'>"
                                f"<figcaption>ai-toolkit sample — {esc(str(note))}</figcaption></figure>")
-            meta = (f"seed {r['seed']} · {r['width']}×{r['height']} · {r['sample_steps']} steps · "
-                    f"cfg {r['guidance_scale']} · m {r['network_multiplier']} · {r['parity']}")
+            meta = (f"seed {r.seed} · {r.width}×{r.height} · {r.sample_steps} steps · "
+                    f"cfg {r.guidance_scale} · m {r.network_multiplier} · {r.parity}")
             cells.append(f"<td><div class='pair'>{''.join(figures)}</div><div class='meta'>{esc(meta)}</div></td>")
-        body.append(f"<tr data-label='{esc(label)}'><th>{esc(label)}</th>{''.join(cells)}</tr>")
-    title = esc(str(manifest.get("title") or "previews"))
+        body.append(f"<tr data-label='{esc(ckpt.label)}'><th>{esc(ckpt.label)}</th>{''.join(cells)}</tr>")
+    title = esc(str(manifest.title or "previews"))
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{title} — previewd</title>"
             f"<style>{_PAGE_CSS}</style></head><body><h1>{title}</h1>"
-            f"<p class='meta'>model {esc(str(manifest.get('model')))} · updated {esc(str(manifest.get('updated_at')))}"
+            f"<p class='meta'>model {esc(str(manifest.model))} · updated {esc(str(manifest.updated_at))}"
             f" · <a href='{MANIFEST}'>manifest.json</a> · <a href='{GRID}'>grid.png</a></p>"
-            + "".join(f"<p class='gap'>&#9888; {esc(gap)}</p>" for gap in manifest.get("parity_gaps") or [])
+            + "".join(f"<p class='gap'>&#9888; {esc(gap)}</p>" for gap in manifest.parity_gaps)
             + f"<p><input type='range' id='step' min='0' value='0'> <span id='stepLabel'></span> "
             f"<button id='all'>all steps</button></p>"
             f"<table><thead><tr><th>checkpoint</th>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"

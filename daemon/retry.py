@@ -1,6 +1,6 @@
 """Whether and when a failed render is tried again. Pure: no database, no clock.
 
-The scheduler asks `RetryPolicy.decide` and turns the decision into `JobStore.fail(...,
+The worker asks `RetryPolicy.decide` and turns the decision into `JobStore.fail(...,
 retry_at=now + delay)` or `retry_at=None`. The store also enforces each job's own
 `max_attempts`, so the smaller of the two limits wins.
 """
@@ -41,6 +41,13 @@ class RetryPolicy:
             raise ValueError(f"`max_delay` ({self.max_delay}) is below `base_delay` "
                              f"({self.base_delay})")
 
+    def delay(self, attempts: int) -> float:
+        """Seconds to wait after the `attempts`-th consecutive failure."""
+        try:
+            return min(self.max_delay, self.base_delay * self.factor ** (attempts - 1))
+        except OverflowError:  # factor**n beyond float range: the cap applies anyway
+            return self.max_delay
+
     def decide(self, attempts: int, error: BaseException) -> RetryDecision:
         """`attempts` counts the runs made so far, including the one that raised `error`."""
         if attempts < 1:
@@ -51,10 +58,7 @@ class RetryPolicy:
         if attempts >= self.max_attempts:
             return RetryDecision(False, 0.0, f"transient error ({name}), gave up after "
                                              f"{attempts} of {self.max_attempts} attempts")
-        try:
-            delay = min(self.max_delay, self.base_delay * self.factor ** (attempts - 1))
-        except OverflowError:  # factor**n beyond float range: the cap applies anyway
-            delay = self.max_delay
+        delay = self.delay(attempts)
         return RetryDecision(True, delay, f"transient error ({name}), attempt {attempts + 1} "
                                           f"of {self.max_attempts} in {delay:g} s")
 

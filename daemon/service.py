@@ -1,7 +1,10 @@
 """The daemon's lifecycle: startup, main loop, periodic chores, clean shutdown (uvicorn style).
 
-Signal handlers only set flags. The first SIGTERM/SIGINT asks the running render to stop after
-its current step and returns the job to the queue; a second one exits at once.
+Signal handlers only set flags (uvicorn's two-step exit). The first SIGTERM/SIGINT asks the
+running render to stop after its current step and returns the job to the queue; a second one
+exits at once. The periodic chores (`on_tick`: watchdog, worker heartbeat, the running job's
+lease, expired leases, snapshot pruning) run on their own thread, so they go on while a model
+loads or renders.
 """
 
 from __future__ import annotations
@@ -10,7 +13,6 @@ import logging
 import os
 import signal
 import socket
-import sys
 import threading
 import time
 import uuid
@@ -25,7 +27,8 @@ from previewd.inbox import InboxWatcher
 from previewd.notify import notify
 from previewd.queue.states import JobState
 from previewd.queue.store import JobStore
-from previewd.scheduler import Renderer, Scheduler
+from previewd.retry import RetryPolicy
+from previewd.worker import Renderer, Worker
 
 log = logging.getLogger(__name__)
 
@@ -40,17 +43,19 @@ class Service:
         self.exit_when_idle = exit_when_idle
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.should_exit = threading.Event()
+        self.force_exit = threading.Event()
+        self._captured_signals: list[int] = []
         self._stopped = threading.Event()
-        self.force_exit = False
+        self._ticks_done = threading.Event()
+        self._ticker = threading.Thread(target=self._tick_loop, name="previewd-tick", daemon=True)
         self._store = JobStore(config.db_url)
         self._renderer = renderer or Renderer(config)
         self._dispatcher = Dispatcher(config, self._store)
         self._watcher = InboxWatcher(config.watch_roots, self._dispatcher.handle, ignore=self._dispatcher.ignore,
                                      settle_seconds=config.watch.settle_seconds,
                                      rescan_seconds=config.watch.rescan_seconds, polling=config.watch.polling)
-        self._scheduler = Scheduler(self._store, self._renderer, config, self.worker_id,
-                                    on_progress=self._ping_watchdog)
-        self._last_tick = 0.0
+        self._worker = Worker(self._store, self._renderer, config, self.worker_id)
+        self._loop_backoff = RetryPolicy(base_delay=2.0, max_delay=60.0)
         self._last_prune = 0.0
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -75,6 +80,7 @@ class Service:
         for job in self._store.requeue_expired():
             log.warning("job %d: its worker vanished; now %s", job.id, job.state.value)
         self._watcher.start()
+        self._ticker.start()
         threading.Thread(target=self._guard_shutdown, name="previewd-shutdown-guard", daemon=True).start()
         log.info("watching %s; database %s", ", ".join(map(str, self.config.watch_roots)),
                  make_url(self.config.db_url).render_as_string(hide_password=True))
@@ -84,12 +90,11 @@ class Service:
         failures = 0
         while not self.should_exit.is_set():
             try:
-                self.on_tick()
-                worked = self._scheduler.run_once(self.should_exit)
+                worked = self._worker.run_once(self.should_exit)
                 failures = 0
             except Exception:  # a database outage or similar: back off and keep the daemon up
                 failures += 1
-                delay = min(60.0, 2.0 ** failures)
+                delay = self._loop_backoff.delay(failures)
                 log.exception("main loop error; retrying in %.0fs", delay)
                 self.should_exit.wait(delay)
                 continue
@@ -101,16 +106,15 @@ class Service:
             self.should_exit.wait(self.config.worker.idle_poll_seconds)
 
     def on_tick(self) -> None:
-        now = time.monotonic()
-        if now - self._last_tick < _TICK_SECONDS:
-            return
-        self._last_tick = now
+        """Once a second, whatever the worker is doing."""
         self._ping_watchdog()
-        current = self._scheduler.current
+        current = self._worker.current
         self._store.worker_heartbeat(self.worker_id, current.id if current else None)
+        self._worker.beat()
         for job in self._store.requeue_expired():
             log.warning("job %d: its worker stopped renewing the lease; now %s (%s)", job.id, job.state.value,
                         job.last_error)
+        now = time.monotonic()
         if now - self._last_prune < _PRUNE_SECONDS:
             return
         self._last_prune = now
@@ -122,6 +126,9 @@ class Service:
     def shutdown(self) -> None:
         notify("STOPPING=1")
         self.should_exit.set()
+        self._ticks_done.set()
+        if self._ticker.is_alive():
+            self._ticker.join()
         self._watcher.stop()
         self._renderer.close()
         self._store.unregister_worker(self.worker_id)
@@ -129,6 +136,13 @@ class Service:
         self._stopped.set()
 
     # -- helpers ------------------------------------------------------------------------------
+    def _tick_loop(self) -> None:
+        while not self._ticks_done.wait(_TICK_SECONDS):
+            try:
+                self.on_tick()
+            except Exception:  # e.g. a locked or unreachable database: try again next tick
+                log.exception("periodic chores failed; retrying")
+
     def _idle(self) -> bool:
         if not self._watcher.idle:
             return False
@@ -137,34 +151,40 @@ class Service:
 
     def _ping_watchdog(self) -> None:
         counts = self._store.counts()
-        current = self._scheduler.current
+        current = self._worker.current
         status = (f"rendering job {current.id}; " if current else "idle; ") + \
             f"{counts.get(JobState.QUEUED, 0)} queued, {counts.get(JobState.DONE, 0)} done, " \
             f"{counts.get(JobState.FAILED, 0)} failed"
         notify("WATCHDOG=1", f"STATUS={status}")
 
     def _guard_shutdown(self) -> None:
-        """A stop request waits for the current diffusion step; a model load or a hung device call
-        cannot be interrupted, so past the time limit the process exits and the job's lease lapses
-        (another start takes it up again)."""
+        """Acts on the flags the signal handler sets. A stop request waits for the current diffusion
+        step; a model load or a hung device call cannot be interrupted, so past the time limit, or
+        on a second signal, the process exits and the job goes back to the queue (or its lease
+        lapses and another start takes it up again)."""
         self.should_exit.wait()
-        if self._stopped.wait(self.config.worker.shutdown_timeout_seconds):
+        if self._stopped.is_set():
             return
-        current = self._scheduler.current
-        log.error("still busy %.0fs after the stop request: exiting now%s",
-                  self.config.worker.shutdown_timeout_seconds,
-                  f"; job {current.id} goes back to the queue" if current else "")
+        if self._captured_signals:
+            name = signal.Signals(self._captured_signals[0]).name
+            log.info("%s: finishing the current step (send it again to quit at once)", name)
+        forced = self.force_exit.wait(self.config.worker.shutdown_timeout_seconds)
+        if self._stopped.is_set():
+            return
+        current = self._worker.current
+        reason = "a second signal" if forced else \
+            f"still busy {self.config.worker.shutdown_timeout_seconds:.0f}s after the stop request"
+        log.error("%s: exiting now%s", reason, f"; job {current.id} goes back to the queue" if current else "")
         if current is not None:
             try:
                 self._store.release(current.id, self.worker_id, "stopped while busy")
             except Exception:  # its lease expires instead
                 log.exception("job %d: could not return it to the queue", current.id)
-        os._exit(1)
+        os._exit(128 + self._captured_signals[-1] if forced else 1)
 
     def _handle_exit(self, signum: int, frame: FrameType | None) -> None:
+        # Only flags here: logging or exiting inside a signal handler is not safe.
+        self._captured_signals.append(signum)
         if self.should_exit.is_set():
-            self.force_exit = True
-            os._exit(128 + signum)
+            self.force_exit.set()
         self.should_exit.set()
-        sys.stderr.write(f"previewd: {signal.Signals(signum).name}: finishing the current step "
-                         "(send it again to quit at once)\n")

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from previewd.fileio import staged_copy
 
 _CHUNK = 1 << 20
 
@@ -32,23 +32,14 @@ def snapshot(source: Path, snapshot_dir: Path) -> tuple[Path, str]:
     The copy is made before hashing, so the content we hash is the content we keep even if the
     trainer deletes or rewrites the original meanwhile.
     """
-    snapshot_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=snapshot_dir, prefix=".incoming-", suffix=source.suffix)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        shutil.copyfile(source, tmp)
+    with staged_copy(source, snapshot_dir) as tmp:
         digest = sha256_file(tmp)
         final = snapshot_dir / f"{digest}{source.suffix}"
         if final.exists():
-            tmp.unlink()
             os.utime(final)  # newly needed again: not old enough to prune
         else:
             os.replace(tmp, final)
-        return final, digest
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    return final, digest
 
 
 def prune(snapshot_dir: Path, keep: set[str], *, min_age_seconds: float, now: float) -> list[Path]:

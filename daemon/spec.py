@@ -1,4 +1,4 @@
-"""The plain-data contract between intake, queue, scheduler and pipelines.
+"""The plain-data contract between intake, queue, worker and pipelines.
 
 A `RenderSpec` says everything that changes the pixels of one image; nothing in it refers to
 the queue or to output placement. Files it names are local and already confined/snapshotted by

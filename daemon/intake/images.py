@@ -55,11 +55,26 @@ class ControlImageStore:
 
     def resolve(self, source: str, base_dir: Path, field: str) -> StoredImage:
         """Load, verify and store `source`; raises ControlImageError("<field>: <reason>")."""
+        image, data = self.fetch(source, base_dir, field)
+        self.keep(image, data)
+        return image
+
+    def fetch(self, source: str, base_dir: Path, field: str) -> tuple[StoredImage, bytes]:
+        """Load and verify `source` without writing anything; the StoredImage names the path that
+        `keep` gives it. Raises ControlImageError("<field>: <reason>")."""
         try:
             data = self._fetch(source.strip(), Path(base_dir))
-            return self._store(data)
+            ext, width, height = self._verify(data)
         except _Rejected as exc:
             raise ControlImageError(f"{field}: {exc}") from None
+        digest = hashlib.sha256(data).hexdigest()
+        return StoredImage(path=str(self.store_dir / f"{digest}.{ext}"), sha256=digest, width=width,
+                           height=height), data
+
+    def keep(self, image: StoredImage, data: bytes) -> None:
+        """Write a fetched image to its content-addressed place (once)."""
+        if not Path(image.path).exists():
+            atomic_write(Path(image.path), data)
 
     def _fetch(self, source: str, base_dir: Path) -> bytes:
         if not source:
@@ -149,15 +164,6 @@ class ControlImageStore:
                 raise _Rejected(f"not an image: corrupt or truncated data ({exc})") from None
         ext = {"JPEG": "jpg", "MPO": "jpg"}.get(fmt or "", (fmt or "img").lower())
         return ext, width, height
-
-    def _store(self, data: bytes) -> StoredImage:
-        ext, width, height = self._verify(data)
-        digest = hashlib.sha256(data).hexdigest()
-        target = self.store_dir / f"{digest}.{ext}"
-        if not target.exists():
-            atomic_write(target, data)
-        return StoredImage(path=str(target), sha256=digest, width=width, height=height)
-
 
 class _Rejected(Exception):
     """Internal: the reason an image was refused, before the field name is attached."""

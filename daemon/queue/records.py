@@ -26,7 +26,7 @@ class Job(_FromRow):
     affinity: str | None
     group: str
     payload: dict[str, Any]
-    """Opaque to the queue; the scheduler decides what it means."""
+    """Opaque to the queue; the worker decides what it means."""
     attempts: int
     """Runs started so far, counting the current one; `release` gives a run back."""
     max_attempts: int

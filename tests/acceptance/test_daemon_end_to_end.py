@@ -291,10 +291,10 @@ def test_two_workers_share_one_queue_and_render_each_image_once(tmp_path: Path, 
 
 
 _STUCK_DAEMON = """
-import sys, time
+import logging, sys, time
 from pathlib import Path
 from previewd.config import load_config
-from previewd.scheduler import Renderer
+from previewd.worker import Renderer
 from previewd.service import Service
 from previewd.tasks import OutputTarget, RenderTask
 from previewd.spec import RenderSpec
@@ -306,6 +306,7 @@ class StuckPipeline:  # a model load that cannot be interrupted
     def load(self): time.sleep(120)
     def unload(self): pass
 
+logging.basicConfig(level=logging.INFO)
 config = load_config(sys.argv[1])
 config.state_dir.mkdir(parents=True, exist_ok=True)
 with JobStore(config.db_url) as store:
@@ -344,3 +345,41 @@ def test_stop_request_has_a_time_limit(tmp_path: Path) -> None:
     assert proc.wait(timeout=30) == 1
     assert time.monotonic() - started < 10
     assert "exiting now" in log.read_text()
+
+
+def test_chores_go_on_while_a_model_loads_and_a_second_signal_quits_at_once(tmp_path: Path) -> None:
+    """The worker's heartbeat and the job's lease are renewed during an uninterruptible load;
+    a second SIGTERM exits without waiting for the time limit."""
+    from previewd.config import load_config
+    from previewd.queue import JobState, JobStore
+
+    config = tmp_path / "config.yaml"
+    config.write_text(render_config(idle_poll_seconds=0.2).replace("heartbeat_seconds: 10", "heartbeat_seconds: 0.2"))
+    log = tmp_path / "daemon.log"
+    proc = subprocess.Popen([sys.executable, "-c", _STUCK_DAEMON, str(config)], stdout=open(log, "wb"),
+                            stderr=subprocess.STDOUT)
+    db = load_config(config).db_url
+
+    def beats():
+        try:
+            with JobStore(db) as store:
+                running = store.list_jobs(states=[JobState.RUNNING])
+                workers = store.workers()
+        except Exception:  # the schema may not exist yet
+            return None
+        if not running or not workers:
+            return None
+        return workers[0].last_heartbeat, running[0].lease_expires_at
+
+    _wait_for(lambda: beats() is not None, 60, "the job to be claimed", proc, log)
+    first = beats()
+    _wait_for(lambda: all(later > earlier for later, earlier in zip(beats(), first)), 20,
+              "heartbeat and lease renewal during the load", proc, log)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=10) == 128 + signal.SIGTERM
+    assert time.monotonic() - started < 5
+    text = log.read_text()
+    assert "SIGTERM: finishing the current step" in text and "a second signal: exiting now" in text

@@ -12,6 +12,8 @@ FORBIDDEN = {
     "previewd.intake": {"torch", "sqlalchemy", "watchdog", "diffusers", "previewd.pipelines"},
     "previewd.intake.aitoolkit": {"torch", "sqlalchemy", "watchdog", "diffusers", "previewd.pipelines"},
     "previewd.intake.request": {"torch", "sqlalchemy", "watchdog", "diffusers", "previewd.pipelines"},
+    "previewd.intake.planner": {"torch", "sqlalchemy", "watchdog", "previewd.pipelines", "previewd.queue"},
+    "previewd.manifest": {"torch", "sqlalchemy", "previewd.queue", "previewd.pipelines"},
     "previewd.queue": {"torch", "diffusers", "watchdog", "previewd.pipelines", "previewd.intake"},
     "previewd.outbox": {"torch", "sqlalchemy", "previewd.queue"},
     "previewd.pipelines": {"torch", "sqlalchemy", "watchdog", "previewd.queue"},

@@ -5,7 +5,9 @@ import pytest
 from safetensors.numpy import save_file
 
 from previewd.config import load_config
-from previewd.dispatch import Dispatcher, error_file, rejected_inputs
+from previewd.dispatch import Dispatcher
+from previewd.intake.planner import Planner
+from previewd.rejections import error_file, rejected_inputs
 from previewd.instance import EXAMPLE_RUN, render_config
 from previewd.queue import JobStore
 from previewd.tasks import RenderTask
@@ -126,8 +128,8 @@ def test_request_paths_are_confined_to_the_roots(setup, tmp_path):
     assert "loras.0.path" in error_file(request).read_text()
     assert store.list_jobs() == []
     # The user's own command (`previewd render`) may name any local file.
-    [task] = dispatcher.plan_request(request, trusted=True)
-    assert task.spec.lora is not None
+    [task] = Planner(config).plan_request(request, trusted=True).tasks
+    assert task.spec.lora is not None and task.spec.lora.path == str(outside)
 
 
 def test_ignore_skips_own_outputs_samples_and_temporaries(setup):

@@ -4,6 +4,7 @@ from pathlib import Path
 from PIL import Image
 
 from previewd import outbox
+from previewd.manifest import RenderEntry
 from previewd.tasks import OutputTarget, image_name
 
 
@@ -13,15 +14,16 @@ def _target(out_dir: Path, step, index, checkpoint=None) -> OutputTarget:
                         source="config.yaml", checkpoint=checkpoint, step=step, prompt_index=index)
 
 
-def _entry(index: int, seed: int = 42) -> dict:
-    return {"model": "qwen_image_2512", "checkpoint": "x", "step": None, "prompt_index": index,
+def _entry(index: int, seed: int = 42, **overrides) -> RenderEntry:
+    return RenderEntry(**{"model": "qwen_image_2512", "checkpoint": "x", "step": None, "prompt_index": index,
             "prompt": f"prompt {index}", "neg": "", "seed": seed, "width": 64, "height": 64,
-            "sample_steps": 3, "guidance_scale": 4.0, "network_multiplier": 1.0, "parity": "aitk"}
+            "sample_steps": 3, "guidance_scale": 4.0, "network_multiplier": 1.0, "parity": "aitk",
+                          **overrides})
 
 
 def _write(out_dir, step, index, colour, seed=42, **kw):
     target = _target(out_dir, step, index, **kw)
-    entry = dict(_entry(index, seed), step=step, checkpoint=target.checkpoint)
+    entry = _entry(index, seed, step=step, checkpoint=target.checkpoint)
     return outbox.write_render(target, Image.new("RGB", (64, 64), colour), entry)
 
 
@@ -40,7 +42,7 @@ def test_manifest_lists_each_render_once_and_is_sorted(tmp_path):
 
 def test_png_carries_the_render_record(tmp_path):
     entry = _write(tmp_path, 250, 0, "green")
-    with Image.open(tmp_path / entry["image"]) as image:
+    with Image.open(tmp_path / entry.image) as image:
         record = json.loads(image.text["previewd"])
     assert record["prompt"] == "prompt 0" and record["step"] == 250 and record["image"] == "000000250_00.png"
 
@@ -67,8 +69,8 @@ def test_page_shows_renders_and_aitk_samples_side_by_side(tmp_path):
     target = _target(tmp_path / "previews", 250, 0)
     entry = outbox.write_render(target, Image.new("RGB", (64, 64), (0, 128, 0)), _entry(0),
                                 aitk_samples={(250, 0): samples / "1__000000250_0.png"})
-    assert entry["aitk_sample"] == "../samples/1__000000250_0.png"
-    assert entry["aitk_sample_diff"]["max_abs_diff"] == 8
+    assert entry.aitk_sample == "../samples/1__000000250_0.png"
+    assert entry.aitk_sample_diff["max_abs_diff"] == 8
     page = (tmp_path / "previews" / "index.html").read_text()
     assert "000000250_00.png" in page and "../samples/1__000000250_0.png" in page and "<script>" in page
 
@@ -88,7 +90,7 @@ def test_parity_gaps_reach_the_manifest_and_page(tmp_path):
 def test_grid_is_built_from_thumbnails_and_stays_viewable_for_long_runs(tmp_path):
     for step in range(1, 301):
         target = _target(tmp_path, step * 10, 0)
-        outbox.write_render(target, Image.new("RGB", (512, 512), "red"), dict(_entry(0), step=step * 10,
+        outbox.write_render(target, Image.new("RGB", (512, 512), "red"), _entry(0, step=step * 10,
                             checkpoint=target.checkpoint), grid=step == 300, page=False)
     assert len(list((tmp_path / ".thumbs").iterdir())) == 1  # only written when the grid is
     with Image.open(tmp_path / "grid.png") as grid:
@@ -103,7 +105,7 @@ def test_samples_that_appear_after_our_render_are_paired_on_a_later_write(tmp_pa
     sample.parent.mkdir()
     Image.new("RGB", (64, 64), "green").save(sample)
     target = _target(out, 500, 0)
-    outbox.write_render(target, Image.new("RGB", (64, 64)), dict(_entry(0), step=500, checkpoint=target.checkpoint),
+    outbox.write_render(target, Image.new("RGB", (64, 64)), _entry(0, step=500, checkpoint=target.checkpoint),
                         aitk_samples={(250, 0): sample})
     first = json.loads((out / "manifest.json").read_text())["renders"][0]
     assert first["step"] == 250 and first["aitk_sample"] == "../samples/9__000000250_0.png"

@@ -1,17 +1,17 @@
-"""Scheduler and Renderer with a stand-in pipeline: the queue side of rendering (the real
+"""Worker and Renderer with a stand-in pipeline: the queue side of rendering (the real
 pipelines are exercised in tests/pipelines and tests/acceptance)."""
 
 import threading
+import time
 
 import pytest
-import torch
 from PIL import Image
 
 from previewd.config import load_config
-from previewd.errors import LoraError, PipelineOutOfMemory
+from previewd.errors import LoraError, PipelineOutOfMemory, RenderInterrupted
 from previewd.instance import render_config
 from previewd.queue import JobState, JobStore
-from previewd.scheduler import Renderer, Scheduler
+from previewd.worker import Renderer, Worker
 from previewd.spec import RenderResult, RenderSpec
 from previewd.tasks import OutputTarget, RenderTask
 
@@ -50,7 +50,7 @@ def env(tmp_path):
     store = JobStore(config.db_url)
     store.create_schema()
     renderer = Renderer(config, factory=StandIn)
-    yield config, store, renderer, Scheduler(store, renderer, config, "w1")
+    yield config, store, renderer, Worker(store, renderer, config, "w1")
     store.close()
 
 
@@ -62,11 +62,11 @@ def _enqueue(config, store, model: str, index: int):
 
 
 def test_jobs_for_the_loaded_model_go_first_and_models_load_once(env):
-    config, store, renderer, scheduler = env
+    config, store, renderer, worker = env
     for i, model in enumerate(["flux2", "qwen_image_2512", "flux2", "qwen_image_2512"]):
         _enqueue(config, store, model, i)
     stop = threading.Event()
-    while scheduler.run_once(stop):
+    while worker.run_once(stop):
         pass
     assert [s.model_id for s in StandIn.instances] == ["flux2", "qwen_image_2512"]
     assert StandIn.instances[0].unloaded and all(s.loads == 1 for s in StandIn.instances)
@@ -75,42 +75,68 @@ def test_jobs_for_the_loaded_model_go_first_and_models_load_once(env):
 
 
 def test_permanent_failure_fails_the_job_with_its_message(env):
-    config, store, _renderer, scheduler = env
+    config, store, _renderer, worker = env
     job = _enqueue(config, store, "flux2", 0)
     StandIn.fail_with = LoraError("no key of the LoRA matches the model")
-    scheduler.run_once(threading.Event())
+    worker.run_once(threading.Event())
     job = store.get(job.id)
     assert job.state == JobState.FAILED and "no key of the LoRA matches" in job.last_error
 
 
 def test_out_of_memory_unloads_and_retries_later(env):
-    config, store, renderer, scheduler = env
+    config, store, renderer, worker = env
     job = _enqueue(config, store, "flux2", 0)
-    StandIn.fail_with = torch.OutOfMemoryError("CUDA out of memory")
-    scheduler.run_once(threading.Event())
+    StandIn.fail_with = PipelineOutOfMemory("flux2: out of memory on cuda")
+    worker.run_once(threading.Event())
     job = store.get(job.id)
     assert job.state == JobState.QUEUED and job.run_after is not None
     assert "PipelineOutOfMemory" in job.last_error
     assert StandIn.instances[0].unloaded and renderer.model is None
 
 
-def test_out_of_memory_is_transient_for_direct_renders(env):
-    config, _store, renderer, _scheduler = env
-    StandIn.fail_with = torch.OutOfMemoryError("CUDA out of memory")
+def test_out_of_memory_of_a_direct_render_also_unloads(env):
+    config, _store, renderer, _worker = env
+    StandIn.fail_with = PipelineOutOfMemory("flux2: out of memory on cuda")
     task = RenderTask(spec=RenderSpec(model="flux2", prompt="x"),
                       target=OutputTarget(out_dir=str(config.outbox_root), image_name="x.png", title="t",
                                           source="s", prompt_index=0))
-    with pytest.raises(PipelineOutOfMemory):
+    with pytest.raises(PipelineOutOfMemory, match="out of memory on cuda"):
         renderer.render(task)
+    assert StandIn.instances[0].unloaded and renderer.model is None
 
 
 def test_shutdown_returns_the_running_job_to_the_queue(env):
-    config, store, _renderer, scheduler = env
+    config, store, _renderer, worker = env
     job = _enqueue(config, store, "flux2", 0)
     stop = threading.Event()
-    from previewd.errors import RenderInterrupted
-
     StandIn.fail_with = RenderInterrupted("stopped after step 1/25")
-    scheduler.run_once(stop)
+    worker.run_once(stop)
     job = store.get(job.id)
     assert job.state == JobState.QUEUED and job.attempts == 0
+
+
+def test_a_job_cancelled_while_it_renders_is_stopped_through_the_lease(tmp_path):
+    StandIn.instances = []
+    (tmp_path / "config.yaml").write_text(render_config().replace("heartbeat_seconds: 10", "heartbeat_seconds: 0.01"))
+    config = load_config(tmp_path / "config.yaml")
+    config.state_dir.mkdir()
+    with JobStore(config.db_url) as store:
+        store.create_schema()
+        job = _enqueue(config, store, "flux2", 0)
+        worker = Worker(store, Renderer(config, factory=StandIn), config, "w1")
+        seen = []
+
+        def render(spec, *, on_step=None, should_stop=None):
+            # What the service's tick thread does while a render runs.
+            store.cancel([job.id])
+            time.sleep(0.02)
+            worker.beat()
+            seen.append(should_stop())
+            raise RenderInterrupted("stopped after step 1/3")
+
+        StandIn.render = staticmethod(render)
+        try:
+            assert worker.run_once(threading.Event())
+        finally:
+            del StandIn.render
+        assert seen == [True] and store.get(job.id).state == JobState.CANCELLED

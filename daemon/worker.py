@@ -1,4 +1,5 @@
-"""Claims jobs, renders them through the hot pipeline, writes the outbox, records the outcome.
+"""The worker: claims jobs, renders them through the hot pipeline, writes the outbox, records
+the outcome (huey's Worker; the diffusion sampler is what diffusers calls a scheduler).
 
 The only module that knows both the queue and the pipelines. `Renderer` (one hot pipeline, no
 queue) is also what `previewd render` uses, so a one-off render takes the same code path.
@@ -15,9 +16,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from previewd import outbox
+from previewd.aitk_samples import find_samples
 from previewd.config import Config
 from previewd.errors import JobStateError, PipelineError, PipelineOutOfMemory, RenderInterrupted
-from previewd.aitk_samples import find_samples
+from previewd.manifest import ControlRef, RenderEntry
 from previewd.queue import Job, JobState, JobStore
 from previewd.retry import RetryPolicy
 from previewd.spec import RenderResult
@@ -80,48 +82,29 @@ class Renderer:
 
     def render(self, task: RenderTask, *, on_step=None, should_stop=None) -> RenderResult:
         try:
-            pipeline = self._get(task.spec.model)
-            result = pipeline.render(task.spec, on_step=on_step, should_stop=should_stop)
-        except Exception as exc:
-            # torch.OutOfMemoryError, matched by name so this module stays free of torch. Training
-            # shares the GPU: give the memory back and let the retry wait for it.
-            if isinstance(exc, PipelineOutOfMemory) or type(exc).__name__ == "OutOfMemoryError":
-                self.close()
-                if isinstance(exc, PipelineOutOfMemory):
-                    raise
-                raise PipelineOutOfMemory(f"{task.spec.model}: out of device memory: {exc}") from exc
-            raise
-        self.lora_sha = task.spec.lora.sha256 if task.spec.lora else None
-        return result
+            result = self._get(task.spec.model).render(task.spec, on_step=on_step, should_stop=should_stop)
+        except PipelineOutOfMemory as exc:
+            message = str(exc)
+        else:
+            self.lora_sha = task.spec.lora.sha256 if task.spec.lora else None
+            return result
+        # Outside the except block, so no traceback frame still holds the pipeline's tensors when it
+        # is released: training shares the GPU, give the memory back and let the retry wait for it.
+        self.close()
+        raise PipelineOutOfMemory(message)
 
-    def write(self, task: RenderTask, result: RenderResult, *, job_id: int | None = None) -> dict[str, Any]:
+    def write(self, task: RenderTask, result: RenderResult, *, job_id: int | None = None) -> RenderEntry:
         """Put the image and its record into the outbox."""
         spec, target = task.spec, task.target
-        entry = {
-            "job_id": job_id,
-            "model": spec.model,
-            "checkpoint": target.checkpoint,
-            "checkpoint_sha256": spec.lora.sha256 if spec.lora else None,
-            "step": target.step,
-            "prompt_index": target.prompt_index,
-            "prompt": spec.prompt,
-            "neg": spec.neg,
-            "seed": result.seed,
-            "requested_seed": spec.seed,
-            "width": result.width,
-            "height": result.height,
-            "requested_width": spec.width,
-            "requested_height": spec.height,
-            "sample_steps": spec.sample_steps,
-            "guidance_scale": spec.guidance_scale,
-            "network_multiplier": spec.lora.network_multiplier if spec.lora else None,
-            "parity": spec.parity,
-            "control_images": [{"slot": c.slot, "sha256": c.sha256} for c in spec.control_images],
-            "record": result.record,
-            "timings": result.timings,
-            "versions": self._versions,
-            "source": target.source,
-        }
+        entry = RenderEntry(
+            job_id=job_id, model=spec.model, checkpoint=target.checkpoint,
+            checkpoint_sha256=spec.lora.sha256 if spec.lora else None, step=target.step,
+            prompt_index=target.prompt_index, prompt=spec.prompt, neg=spec.neg, seed=result.seed,
+            requested_seed=spec.seed, width=result.width, height=result.height, requested_width=spec.width,
+            requested_height=spec.height, sample_steps=spec.sample_steps, guidance_scale=spec.guidance_scale,
+            network_multiplier=spec.lora.network_multiplier if spec.lora else None, parity=spec.parity,
+            control_images=[ControlRef(slot=c.slot, sha256=c.sha256) for c in spec.control_images],
+            record=result.record, timings=result.timings, versions=self._versions, source=target.source)
         samples = find_samples(Path(target.job_dir)) if target.job_dir else {}
         return outbox.write_render(target, result.image, entry, aitk_samples=samples,
                                    grid=self._config.output.grid, page=self._config.output.html)
@@ -132,45 +115,21 @@ class Renderer:
         self._pipeline, self.model, self.lora_sha = None, None, None
 
 
-class _Lease(threading.Thread):
-    """Renews the job's lease while it runs (model loads can take minutes, longer than a step)."""
+class Worker:
+    """Runs one job at a time. `beat()` is called from the service's tick thread, also while a
+    model loads or renders, and renews the running job's lease."""
 
-    def __init__(self, store: JobStore, job: Job, worker_id: str, lease_seconds: float, every: float):
-        super().__init__(name=f"previewd-lease-{job.id}", daemon=True)
-        self._store, self._job, self._worker = store, job, worker_id
-        self._lease, self._every = lease_seconds, every
-        self.progress: float | None = None
-        self.lost = threading.Event()
-        self._done = threading.Event()
-
-    def run(self) -> None:
-        while not self._done.wait(self._every):
-            try:
-                alive = self._store.heartbeat(self._job.id, self._worker, lease_seconds=self._lease,
-                                              progress=self.progress)
-            except Exception:  # e.g. a locked or unreachable database: try again next beat
-                log.exception("job %d: lease renewal failed; retrying", self._job.id)
-                continue
-            if not alive:
-                self.lost.set()
-                return
-
-    def stop(self) -> None:
-        self._done.set()
-        self.join(timeout=5)
-
-
-class Scheduler:
-    def __init__(self, store: JobStore, renderer: Renderer, config: Config, worker_id: str,
-                 *, on_progress: Callable[[], None] | None = None):
+    def __init__(self, store: JobStore, renderer: Renderer, config: Config, worker_id: str):
         self._store = store
         self._renderer = renderer
         self._config = config
         self._worker = worker_id
-        self._on_progress = on_progress or (lambda: None)
         self._policy = RetryPolicy(max_attempts=config.worker.max_attempts,
                                    base_delay=config.worker.retry_delay_seconds)
         self.current: Job | None = None
+        self.progress: float | None = None
+        self._lost = threading.Event()
+        self._last_renewal = 0.0
 
     def run_once(self, stop: threading.Event) -> bool:
         """Claim and run one job. False when there was nothing to do."""
@@ -178,18 +137,30 @@ class Scheduler:
                                 prefer_model=self._renderer.model, prefer_affinity=self._renderer.lora_sha)
         if job is None:
             return False
+        self._lost.clear()
+        self.progress = None
+        self._last_renewal = time.monotonic()
         self.current = job
-        lease = _Lease(self._store, job, self._worker, self._config.worker.lease_seconds,
-                       self._config.worker.heartbeat_seconds)
-        lease.start()
         try:
-            self._run(job, lease, stop)
+            self._run(job, stop)
         finally:
-            lease.stop()
             self.current = None
         return True
 
-    def _run(self, job: Job, lease: _Lease, stop: threading.Event) -> None:
+    def beat(self) -> None:
+        """Renew the running job's lease every heartbeat period; notice when it is no longer ours
+        (cancelled, or taken over after an expiry)."""
+        job = self.current
+        now = time.monotonic()
+        if job is None or now - self._last_renewal < self._config.worker.heartbeat_seconds:
+            return
+        self._last_renewal = now
+        alive = self._store.heartbeat(job.id, self._worker, lease_seconds=self._config.worker.lease_seconds,
+                                      progress=self.progress)
+        if not alive and self.current is job:
+            self._lost.set()
+
+    def _run(self, job: Job, stop: threading.Event) -> None:
         try:
             task = RenderTask.model_validate(job.payload)
         except ValueError as exc:
@@ -197,17 +168,16 @@ class Scheduler:
             return
 
         def on_step(done: int, total: int) -> None:
-            lease.progress = done / total if total else None
-            self._on_progress()
+            self.progress = done / total if total else None
 
         log.info("job %d: rendering %s prompt %d of %s (attempt %d)", job.id, task.spec.model,
                  task.target.prompt_index, task.target.checkpoint or "base model", job.attempts)
         try:
             result = self._renderer.render(task, on_step=on_step,
-                                           should_stop=lambda: stop.is_set() or lease.lost.is_set())
+                                           should_stop=lambda: stop.is_set() or self._lost.is_set())
             entry = self._renderer.write(task, result, job_id=job.id)
         except RenderInterrupted:
-            if lease.lost.is_set():
+            if self._lost.is_set():
                 log.info("job %d: stopped, it was cancelled or taken over", job.id)
                 return
             try:
@@ -219,7 +189,7 @@ class Scheduler:
         except Exception as exc:  # noqa: BLE001 - every failure is recorded on the job
             self._record_failure(job, exc)
             return
-        image = Path(task.target.out_dir) / entry["image"]
+        image = Path(task.target.out_dir) / entry.image
         try:
             self._store.finish(job.id, self._worker, {"image": str(image), "seed": result.seed})
         except JobStateError:
