@@ -33,14 +33,16 @@ MODELS: dict[str, ModelInfo] = {
         ModelInfo("qwen_image_edit", "Qwen/Qwen-Image-Edit", "qwen", "single", "adapter"),
         ModelInfo("qwen_image_edit_plus", "Qwen/Qwen-Image-Edit-2509", "qwen", "multi", "adapter"),
         ModelInfo("qwen_image_edit_plus_2511", "Qwen/Qwen-Image-Edit-2511", "qwen", "multi", "fuse"),
-        ModelInfo("flux2", "black-forest-labs/FLUX.2-dev", "flux2", "none", "merge"),
+        # ai-toolkit floors FLUX.2 sizes to 16 (flux2_model.py:88), and the reference server's FLUX.2
+        # path runs ai-toolkit's own sampler: 16 in both profiles.
+        ModelInfo("flux2", "black-forest-labs/FLUX.2-dev", "flux2", "none", "merge", divisor=16),
     )
 }
 assert set(MODELS) == set(MODEL_IDS)
 
 
 def snap(value: int, divisor: int) -> int:
-    """Floor to the divisor, as both ai-toolkit and the reference server do (the seeds: 32)."""
+    """Floor to the divisor, as both ai-toolkit and the reference server do (Qwen 32, FLUX.2 16)."""
     return (int(value) // divisor) * divisor
 
 

@@ -12,6 +12,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from previewd import validation_errors
 from previewd.catalog import MODELS
 from previewd.errors import ConfigError
 from previewd.spec import MODEL_IDS, ModelSource
@@ -68,6 +69,10 @@ class Config(_Strict):
     outbox_root: Path
     allowed_roots: tuple[Path, ...] = ()
     """Extra folders that files dropped into the inbox may name (control images, LoRAs)."""
+    aitk_root: Path | None = None
+    """ai-toolkit's own folder, the working directory it resolves relative paths against: a run's
+    relative `ctrl_img` is looked up in the run folder first, then here, and a relative
+    `name_or_path` here. Files read from it must still lie within `allowed_roots`."""
     device: str = "auto"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     parity: Literal["aitk", "reference"] = "aitk"
@@ -126,7 +131,7 @@ def _resolve_paths(data: dict, base: Path) -> dict:
         path = Path(value).expanduser()
         return path if path.is_absolute() else (base / path).resolve()
 
-    for key in ("inbox", "state_dir", "outbox_root"):
+    for key in ("inbox", "state_dir", "outbox_root", "aitk_root"):
         if isinstance(data.get(key), str):
             data[key] = fix(data[key])
     if isinstance(data.get("allowed_roots"), list):
@@ -148,14 +153,7 @@ def _resolve_paths(data: dict, base: Path) -> dict:
 
 def format_validation_error(source: str, error: ValidationError) -> list[str]:
     """pydantic errors as "file: dotted.key: message (got value)" lines."""
-    lines = []
-    for item in error.errors():
-        loc = ".".join(str(p) for p in item["loc"]) or "(top level)"
-        got = ""
-        if item["type"] not in ("missing",) and "input" in item and not isinstance(item["input"], dict):
-            got = f" (got {item['input']!r})"
-        lines.append(f"{source}: {loc}: {item['msg']}{got}")
-    return lines
+    return [f"{source}: {line}" for line in validation_errors.format_validation_error(error, Config)]
 
 
 def load_config(path: str | Path) -> Config:

@@ -92,6 +92,9 @@ class RenderSpec(_Frozen):
     lora: LoraSpec | None = None
     control_images: tuple[ControlImage, ...] = ()
     aitk: AitkOptions = AitkOptions()
+    base: str | None = None
+    """The run's own name_or_path when it resolves locally — a folder or a hub id in the local HF
+    cache; None: the configured models.<id>.path."""
 
     def control(self, slot: str) -> ControlImage | None:
         return next((c for c in self.control_images if c.slot == slot), None)

@@ -1,40 +1,44 @@
 """An ai-toolkit training run (its `config.yaml`) -> the RenderSpecs of its own sample prompts.
 
-Everything follows ai-toolkit's code as read in aitk-sampling.md §A, §B and the §F.1 mapping, so a
-preview of step N is rendered from exactly the prompts, seeds and sizes of ai-toolkit's sample N.
+Read the way ai-toolkit 0.12.26 reads it (aitk-sampling.md §A, §B, §F.1): the process whose
+folder holds the config, then `sample:` through SampleConfig/SampleItem's defaults and coercions
+(the pydantic models below), then GenerateImageConfig's prompt flags and seed rules, so the preview
+of step N is rendered from exactly the prompts, seeds and sizes of ai-toolkit's sample N. Where
+ai-toolkit would crash on a setting, the run is refused with the reason.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
+import stat
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo
 
+from previewd.catalog import MODELS, validate_spec
 from previewd.errors import IntakeError
 from previewd.intake.controls import ControlResolver, ResolveImage
 from previewd.intake.paths import is_url, resolve_path
-from previewd.intake.prompt_flags import (PromptFlagError, aitk_seeds, floor_size, inject_trigger,
-                                          parse_prompt_flags)
-from previewd.catalog import validate_spec
-from previewd.spec import CONTROL_SLOTS, AitkOptions, ControlImage, LoraSpec, RenderSpec
+from previewd.intake.prompt_flags import (RANDOM_SEED, TORCH_SEEDS, PromptFlagError, aitk_seeds, floor_size,
+                                          inject_trigger, parse_prompt_flags, torch_seed)
+from previewd.spec import AitkOptions, ControlImage, LoraSpec, RenderSpec
+from previewd.validation_errors import did_you_mean, format_validation_error
 
 KIND = "aitk-job"
-SAMPLE = "config.process[0].sample"
+MAX_CONFIG_BYTES = 16 * 2**20
+"""A job config is a few KiB; anything this large is not one."""
 
-# SampleConfig defaults (toolkit/config_modules.py); `neg` really is the bool False.
-_SECTION_DEFAULTS: dict[str, Any] = {"width": 512, "height": 512, "neg": False, "seed": 0, "walk_seed": False,
-                                     "guidance_scale": 7, "sample_steps": 20, "network_multiplier": 1,
-                                     "format": "jpg"}
-_ITEM_KEYS = {"prompt", "width", "height", "neg", "seed", "guidance_scale", "sample_steps", "fps", "num_frames",
-              "network_multiplier", "ctrl_idx", "do_cfg_norm", *CONTROL_SLOTS}
 _MISSING_IMAGE_HELP = (" — ai-toolkit opens control images from this machine's disk, so these samples cannot "
-                       "be rendered; fix the paths in config.yaml (relative paths are read from the job folder)")
+                       "be rendered; fix the paths in config.yaml (previewd reads a relative path from the run "
+                       "folder, then from `aitk_root`, ai-toolkit's own folder)")
+_OUTSIDE_ROOTS_HELP = (" (control images uploaded through ai-toolkit's UI live in its data folder, "
+                       "<dataRoot>/images/: add that folder to `allowed_roots`)")
 
 # Variant named by name_or_path (lower-case, `_` read as `-`), most specific first.
 _VARIANTS = (("qwen-image-edit-2511", "qwen_image_edit_plus_2511"),
@@ -52,13 +56,178 @@ _ARCHES = {
                                                       "2511": "qwen_image_edit_plus_2511"}),
     "flux2": ("flux2", {}),
 }
+_QWEN_EDIT_IDS = ("qwen_image_edit", "qwen_image_edit_plus", "qwen_image_edit_plus_2511")
+_ODD_NEGS = {"False": "not set, and ai-toolkit's default is the boolean False", "None": "null"}
 
+
+# -- ai-toolkit's sample settings ---------------------------------------------------------------
+# Each validator accepts what ai-toolkit's sampler works with and converts it the way ai-toolkit
+# ends up using it; anything its sampler would crash on is refused with the reason.
+
+def _not_bool(value: Any) -> None:
+    if isinstance(value, bool):
+        raise ValueError("expected a number, not true/false")
+
+
+def _size(value: Any) -> int:
+    """GenerateImageConfig floors sizes with `v - v % 8`: a float is floored, text crashes it."""
+    _not_bool(value)
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError("expected a number of pixels (ai-toolkit's sampler crashes on anything else)")
+    return math.floor(value)
+
+
+def _steps(value: Any) -> int:
+    _not_bool(value)
+    if not isinstance(value, int):
+        raise ValueError("expected a whole number (ai-toolkit's scheduler crashes on anything else)")
+    return value
+
+
+def _number(value: Any) -> float:
+    _not_bool(value)
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError("expected a number (ai-toolkit's sampler crashes on anything else)")
+    return float(value)
+
+
+def _multiplier(value: Any, info: ValidationInfo) -> float:
+    """SampleItem converts a multiplier written as text and falls back to 1.0 when it cannot."""
+    if isinstance(value, str):
+        try:
+            return _number(float(value))
+        except ValueError:
+            _warn(info, f"network_multiplier: {value!r} is not a number; ai-toolkit samples with 1.0, "
+                        f"and so does previewd")
+            return 1.0
+    return _number(value)
+
+
+def _seed(value: Any, info: ValidationInfo) -> int:
+    """torch.manual_seed calls int() on the seed, so text and floats work too; but text is never
+    the -1 that GenerateImageConfig randomises, so its negatives stay fixed (torch wraps them)."""
+    _not_bool(value)
+    if isinstance(value, str):
+        if info.data.get("walk_seed"):
+            raise ValueError("a seed written as text cannot walk (ai-toolkit crashes adding the prompt index "
+                             "to it): write it as a number")
+        try:
+            value = int(value)
+        except ValueError:
+            raise ValueError("expected a whole number") from None
+        return torch_seed(value)
+    if isinstance(value, float) and math.isfinite(value):
+        value = int(value)
+    if not isinstance(value, int):
+        raise ValueError("expected a whole number")
+    if value not in TORCH_SEEDS:
+        raise ValueError("outside what torch.manual_seed accepts (-2**63 to 2**64 - 1)")
+    return value
+
+
+def _neg(value: Any) -> str:
+    """The text the Qwen pipelines encode: `template.format(neg)` turns None into "None" and the
+    missing-key default False into "False"."""
+    if isinstance(value, (str, int, float)) or value is None:
+        return str(value)
+    raise ValueError("expected text")
+
+
+def _prompt(value: Any) -> str:
+    if value is None:
+        raise ValueError("no prompt: ai-toolkit leaves such an entry out of its prompt list but not out of "
+                         "its sample settings, so every later sample would get the wrong settings")
+    if not isinstance(value, str):
+        raise ValueError("expected text (ai-toolkit's prompt handling crashes on anything else; quote it)")
+    return value
+
+
+def _image_path(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("expected the path of an image file (ai-toolkit cannot open anything else)")
+    return value
+
+
+def _warn(info: ValidationInfo, message: str) -> None:
+    context = info.context or {}
+    context.setdefault("warnings", []).append(f"{context.get('where', '')}.{message}")
+
+
+Size = Annotated[int, BeforeValidator(_size)]
+Steps = Annotated[int, BeforeValidator(_steps)]
+Number = Annotated[float, BeforeValidator(_number)]
+Multiplier = Annotated[float, BeforeValidator(_multiplier)]
+Seed = Annotated[int, BeforeValidator(_seed)]
+Neg = Annotated[str, BeforeValidator(_neg)]
+Truthy = Annotated[bool, BeforeValidator(bool)]
+"""ai-toolkit tests these with `if value:`, so any truthy value (even the text "false") counts."""
+ImagePath = Annotated[str | None, BeforeValidator(_image_path)]
+
+
+class _AitkSettings(BaseModel):
+    # ai-toolkit reads settings with kwargs.get(): keys it does not know are ignored.
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+
+Settings = TypeVar("Settings", bound=_AitkSettings)
+
+
+class SampleSettings(_AitkSettings):
+    """`sample:` as SampleConfig reads it, with its defaults (config_modules.py)."""
+
+    width: Size = 512
+    height: Size = 512
+    neg: Neg = "False"
+    walk_seed: Truthy = False
+    seed: Seed = 0
+    """Declared after walk_seed: a text seed is refused only when it walks."""
+    guidance_scale: Number = 7.0
+    sample_steps: Steps = 20
+    network_multiplier: Multiplier = 1.0
+    format: str = "jpg"
+    """The sample files' extension, used as written (`jpeg`, `JPG`...)."""
+    do_cfg_norm: Truthy = False
+    prompts: list[Any] = []
+    samples: list[Any] = Field(None)
+    """None: not given, so built from `prompts`; given, even empty, it wins (config_modules.py:111)."""
+
+
+class SampleItemSettings(_AitkSettings):
+    """One `samples:` entry as SampleItem reads it; None: not given, the section's value applies.
+    (A null that ai-toolkit would pass on and crash on is refused: the defaults are not validated.)"""
+
+    prompt: Annotated[str, BeforeValidator(_prompt)] = Field(None, validate_default=True)
+    width: Size = Field(None)
+    height: Size = Field(None)
+    neg: Neg = Field(None)
+    seed: Seed | None = None
+    """null: the running seed, as when it is not given."""
+    guidance_scale: Number = Field(None)
+    sample_steps: Steps = Field(None)
+    network_multiplier: Multiplier = Field(None)
+    ctrl_img: ImagePath = None
+    ctrl_img_1: ImagePath = None
+    ctrl_img_2: ImagePath = None
+    ctrl_img_3: ImagePath = None
+    # Read by ai-toolkit but without effect on these image models.
+    ctrl_idx: Any = None
+    fps: Any = None
+    num_frames: Any = None
+    do_cfg_norm: Any = None
+    """Stored per item by SampleItem, but sample() reads only the section's."""
+
+
+# -- the run ------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class AitkSample:
     """One entry of `sample:`, resolved the way ai-toolkit's sample() resolves it."""
 
     index: int
+    where: str
+    """Its place in the config, e.g. `config.process[0].sample.samples[3]`."""
     prompt: str
     """Final text: trigger injected, `--flags` parsed out, stripped."""
     raw_prompt: str
@@ -67,21 +236,28 @@ class AitkSample:
     """Floored to 8, at least 64 (GenerateImageConfig); pipelines floor to the model divisor."""
     height: int
     seed: int
+    """-1: random (ai-toolkit drew one); otherwise the seed torch used, negatives wrapped to 64 bits."""
     sample_steps: int
     guidance_scale: float
     network_multiplier: float
     control: tuple[tuple[str, str], ...]
-    """(slot, raw source) in slot order; `ctrl_img_1` defaults to `ctrl_img` as in SampleItem."""
+    """(slot, source) that this model's ai-toolkit class reads, in slot order; local paths absolute."""
 
 
 @dataclass(frozen=True)
 class AitkJob:
     config_path: Path
     job_dir: Path
-    """The folder holding config.yaml: checkpoints and samples/ are here."""
+    """The folder holding config.yaml, `training_folder/<process name>`: checkpoints and samples/."""
     name: str
-    """Checkpoint stem: `<name>_<step:09d>.safetensors` and the final `<name>.safetensors`."""
+    """The job's `config.name`, the checkpoint stem: `<name>_<step:09d>.safetensors`, `<name>.safetensors`."""
+    process_index: int
+    """The process of `config.process` that writes this folder."""
     model: str
+    base: str | None
+    """The run's own `name_or_path` when previewd renders on it (RenderSpec.base)."""
+    base_gap: str | None
+    """Why the run's own base could not be used, when it could not."""
     trigger_word: str | None
     samples: tuple[AitkSample, ...]
     sample_format: str
@@ -102,13 +278,19 @@ def model_id(arch: str, name_or_path: str) -> tuple[str, list[str]]:
     default, tags = _ARCHES[base]
     family = {default, *tags.values()}
     named = _variant_of(name_or_path)
-    if named is not None and named not in family:
-        raise ValueError(f"arch {arch!r} does not match name_or_path {name_or_path!r} (which is {named}); "
-                         f"ai-toolkit loads the {base} model class, previewd cannot render that combination")
     hinted = tags.get(tag) if tag else None
     warnings = []
     if tag and hinted is None:
         warnings.append(f"model.arch: unknown tag {tag!r} ignored")
+    if base == "qwen_image" and named in _QWEN_EDIT_IDS:
+        # QwenImageModel loads any Qwen-Image weights: the edit weights sample through its
+        # text-to-image pipeline (how edit models are trained without control images).
+        warnings.append(f"model: ai-toolkit samples the edit weights {name_or_path!r} with its text-to-image "
+                        f"pipeline (arch {arch!r}); so does previewd")
+        return hinted or default, warnings
+    if named is not None and named not in family:
+        raise ValueError(f"arch {arch!r} does not match name_or_path {name_or_path!r} (which is {named}); "
+                         f"ai-toolkit loads the {base} model class, previewd cannot render that combination")
     if named is not None:
         if hinted is not None and hinted != named:
             warnings.append(f"model.arch: tag {tag!r} says {hinted} but name_or_path {name_or_path!r} is {named}; "
@@ -139,72 +321,106 @@ def _replace_name(value: Any, name: str) -> Any:
     return value
 
 
-def _check(value: Any, types: tuple[type, ...], what: str, where: str, problems: list[str]) -> Any:
-    """`value` if it is one of `types` (bool is never a number), else None with a problem noted."""
-    if isinstance(value, types) and not (isinstance(value, bool) and bool not in types):
-        return value
-    problems.append(f"{where}: expected {what}, got {value!r}")
-    return None
+def _load(path: Path) -> Any:
+    """The parsed file: JSON syntax first (ai-toolkit's `.job_config.json`, copied into place, may
+    be indented with tabs, which YAML refuses), else YAML."""
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            pass  # a YAML flow mapping
+    return yaml.safe_load(text)
 
 
-def read_job(config_path: Path) -> AitkJob:
-    """Parse an ai-toolkit `config.yaml`; raises IntakeError(config_path, "aitk-job", all problems)."""
+def _is_job(data: Any) -> bool:
+    return isinstance(data, dict) and "job" in data and isinstance(data.get("config"), dict)
+
+
+def is_job_config(path: Path) -> bool:
+    """Whether `path` is an ai-toolkit job config by its parsed content (`job:` and a `config:`
+    mapping), in YAML or JSON syntax. False for anything unreadable, unparsable or larger than
+    MAX_CONFIG_BYTES; never raises."""
+    try:
+        info = Path(path).stat()
+    except (OSError, ValueError):
+        return False
+    if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_CONFIG_BYTES:
+        return False
+    return _parses_as_job(str(path), info.st_mtime_ns, info.st_size)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parses_as_job(path: str, _mtime_ns: int, _size: int) -> bool:
+    """Cached by (path, mtime, size): the watcher asks for every parent of every file it sees."""
+    try:
+        return _is_job(_load(Path(path)))
+    except Exception:  # any parser failure (YAML, JSON, encoding, nesting depth) means "not a job config"
+        return False
+
+
+def read_job(config_path: Path, *, aitk_root: Path | None = None) -> AitkJob:
+    """Parse an ai-toolkit job config (`config.yaml`, YAML or JSON syntax); raises
+    IntakeError(config_path, "aitk-job", every problem).
+
+    `aitk_root`: ai-toolkit's own folder, which it resolves relative paths against.
+    """
     config_path = Path(config_path)
     try:
-        raw = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+        raw = _load(config_path)
     except (OSError, UnicodeDecodeError) as exc:
         raise IntakeError(config_path, KIND, [f"file: cannot read: {exc}"]) from None
     except yaml.YAMLError as exc:
         raise IntakeError(config_path, KIND, [f"yaml: {exc}"]) from None
-    if not isinstance(raw, dict) or "job" not in raw or not isinstance(raw.get("config"), dict):
+    if not _is_job(raw):
         raise IntakeError(config_path, KIND, ["job, config: not an ai-toolkit job config (needs `job:` and `config:`)"])
     job_name = raw["config"].get("name")
     if not isinstance(job_name, str) or not job_name:
         raise IntakeError(config_path, KIND, [f"config.name: expected the job name, got {job_name!r}"])
     config = _replace_name(raw, job_name)["config"]
-    processes = config.get("process")
-    if not isinstance(processes, list) or not processes or not isinstance(processes[0], dict):
-        raise IntakeError(config_path, KIND, ["config.process: expected a list with at least one process"])
-    process = processes[0]
+    index, process = _process_of(config, config_path, job_name)
+    where = f"config.process[{index}]"
     problems: list[str] = []
     warnings: list[str] = []
-    name = process.get("name") or job_name
 
     network = process.get("network") or {}
     net_type = str(network.get("type", "lora")) if isinstance(network, dict) else None
     if net_type is None or net_type.lower() != "lora":
-        problems.append(f"config.process[0].network.type: {net_type!r} is not supported (only `lora`: "
+        problems.append(f"{where}.network.type: {net_type!r} is not supported (only `lora`: "
                         f"diffusers cannot load LoKr and other network types)")
 
     model = process.get("model")
-    mid = None
+    mid = base = base_gap = None
     if not isinstance(model, dict):
-        problems.append("config.process[0].model: missing (needs arch and name_or_path)")
+        problems.append(f"{where}.model: missing (needs arch and name_or_path)")
         model = {}
     else:
         arch, nop = model.get("arch"), model.get("name_or_path")
         if not isinstance(arch, str) or not isinstance(nop, str):
-            problems.append(f"config.process[0].model: needs arch and name_or_path as text "
+            problems.append(f"{where}.model: needs arch and name_or_path as text "
                             f"(got arch={arch!r}, name_or_path={nop!r})")
         else:
             try:
                 mid, hints = model_id(arch, nop)
                 warnings += hints
+                base, base_gap = _run_base(nop, mid, aitk_root)
             except ValueError as exc:
-                problems.append(f"config.process[0].model: {exc}")
+                problems.append(f"{where}.model: {exc}")
 
     trigger = process.get("trigger_word")
     if trigger is not None and not isinstance(trigger, str):
-        trigger = str(trigger)
-    section = process.get("sample")
-    if not isinstance(section, dict):
-        raise IntakeError(config_path, KIND, problems + [f"{SAMPLE}: missing: the job has no sample prompts to render"])
+        problems.append(f"{where}.trigger_word: expected text, got {trigger!r} (ai-toolkit's trigger injection "
+                        f"crashes on it; quote it)")
+        trigger = None
+    section_raw = process.get("sample", {})
+    if not isinstance(section_raw, dict):
+        raise IntakeError(config_path, KIND, problems + [
+            f"{where}.sample: expected the sample settings, got {section_raw!r} (ai-toolkit cannot read it)"])
 
     job_dir = config_path.parent.resolve()
-    samples = _read_samples(section, trigger, mid, job_dir, problems, warnings)
-    fmt = section.get("format", _SECTION_DEFAULTS["format"])
-    if fmt not in ("jpg", "png", "webp"):
-        problems.append(f"{SAMPLE}.format: expected jpg, png or webp, got {fmt!r}")
+    context = _Context(where=f"{where}.sample", mid=mid, trigger=trigger, job_dir=job_dir, aitk_root=aitk_root,
+                       problems=problems, warnings=warnings)
+    section, samples = _read_samples(section_raw, context)
 
     train = process.get("train") if isinstance(process.get("train"), dict) else {}
     save = process.get("save") if isinstance(process.get("save"), dict) else {}
@@ -222,143 +438,269 @@ def read_job(config_path: Path) -> AitkJob:
         "unload_text_encoder": train.get("unload_text_encoder"),
         "train_steps": train.get("steps"), "save_dtype": save.get("dtype"), "save_every": save.get("save_every"),
         "max_step_saves_to_keep": save.get("max_step_saves_to_keep"),
-        "sample_every": section.get("sample_every"), "sampler": section.get("sampler"),
-        "do_cfg_norm": bool(section.get("do_cfg_norm", False)), "training_folder": process.get("training_folder"),
+        "sample_every": section_raw.get("sample_every"), "sampler": section_raw.get("sampler"),
+        "do_cfg_norm": section.do_cfg_norm if section else False,
+        "training_folder": process.get("training_folder"),
     }
     if problems:
         raise IntakeError(config_path, KIND, problems)
-    assert mid is not None
+    assert mid is not None and section is not None
     options = AitkOptions(
         # Only ai-toolkit's edit-plus pipeline reads do_cfg_norm; the others always renormalise.
         do_cfg_norm=settings["do_cfg_norm"] and mid.startswith("qwen_image_edit_plus"),
         vae_tiling=settings["low_vram"] and mid.startswith("qwen_image"),
         lora_merged=settings["lora_merged"],
     )
-    return AitkJob(config_path=config_path, job_dir=job_dir, name=name, model=mid, trigger_word=trigger,
-                   samples=tuple(samples), sample_format=fmt, aitk=options, settings=settings,
-                   warnings=tuple(warnings))
+    return AitkJob(config_path=config_path, job_dir=job_dir, name=job_name, process_index=index, model=mid,
+                   base=base, base_gap=base_gap, trigger_word=trigger, samples=tuple(samples),
+                   sample_format=section.format, aitk=options, settings=settings, warnings=tuple(warnings))
 
 
-def _read_samples(section: dict[str, Any], trigger: str | None, mid: str | None, job_dir: Path,
-                  problems: list[str], warnings: list[str]) -> list[AitkSample]:
-    if section.get("samples"):
-        key, entries = "samples", section["samples"]
+def _process_of(config: dict[str, Any], config_path: Path, job_name: str) -> tuple[int, dict[str, Any]]:
+    """The process that writes this run folder. Each process writes the whole job config into
+    `training_folder/<process name>` (BaseTrainProcess.py:45), its name defaulting to the job's."""
+    processes = config.get("process")
+    if not isinstance(processes, list) or not processes or not all(isinstance(p, dict) for p in processes):
+        raise IntakeError(config_path, KIND, ["config.process: expected a list of processes (mappings)"])
+    folder = config_path.parent.name
+    names = [str(p["name"]) if p.get("name") is not None else job_name for p in processes]
+    mine = [i for i, name in enumerate(names) if name == folder]
+    if len(mine) == 1:
+        return mine[0], processes[mine[0]]
+    if not mine and len(processes) == 1:
+        return 0, processes[0]  # a run folder copied or renamed by hand
+    if mine:
+        raise IntakeError(config_path, KIND, [
+            f"config.process: processes {', '.join(f'[{i}]' for i in mine)} all write into {folder!r}; previewd "
+            f"cannot tell which one wrote a checkpoint: give each process its own `name`"])
+    raise IntakeError(config_path, KIND, [
+        f"config.process: none of the {len(processes)} processes writes into this folder {folder!r} "
+        f"(ai-toolkit writes each into training_folder/<process name>; names here: {', '.join(names)})"])
+
+
+def _run_base(name_or_path: str, mid: str, aitk_root: Path | None) -> tuple[str | None, str | None]:
+    """(RenderSpec.base, parity gap): the run's own weights when they are on this machine.
+
+    The stock hub id of `mid` stays None: `models.<id>.path` is where its weights are. A folder
+    counts as written, a relative one from ai-toolkit's folder (its working directory); a hub
+    id only when it is in the local Hugging Face cache (previewd never downloads).
+    """
+    if name_or_path.strip().lower() == MODELS[mid].hub_id.lower():
+        return None, None
+    folder: Path | None = Path(name_or_path).expanduser()
+    if not folder.is_absolute():
+        folder = aitk_root / folder if aitk_root is not None else None
+    if folder is not None and folder.is_dir():
+        return str(folder.resolve()), None
+    if _in_hf_cache(name_or_path):
+        return name_or_path, None
+    return None, (f"the run's base model {name_or_path!r} is not on this machine (neither a diffusers folder nor "
+                  f"a hub id in the local Hugging Face cache; previewd never downloads), so previewd renders on "
+                  f"the configured models.{mid}.path ({MODELS[mid].hub_id} unless configured otherwise) instead")
+
+
+def _in_hf_cache(repo_id: str) -> bool:
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot_download(repo_id, local_files_only=True)
+    except Exception:  # not cached, not a valid repo id, unreadable cache: all mean "not here"
+        return False
+    return True
+
+
+@dataclass
+class _Context:
+    """What reading one run's samples needs, and where its problems and warnings go."""
+
+    where: str
+    mid: str | None
+    trigger: str | None
+    job_dir: Path
+    aitk_root: Path | None
+    problems: list[str]
+    warnings: list[str]
+    odd_negs: set[str] = field(default_factory=set)
+    """"False"/"None": negative prompts that are the text of a missing or null `neg`."""
+
+
+def _validate(model: type[Settings], data: dict[str, Any], where: str, context: _Context) -> Settings | None:
+    try:
+        return model.model_validate(data, context={"where": where, "warnings": context.warnings})
+    except ValidationError as exc:
+        context.problems += format_validation_error(exc, model, where=where)
+        return None
+
+
+def _read_samples(raw: dict[str, Any], ctx: _Context) -> tuple[SampleSettings | None, list[AitkSample]]:
+    section = _validate(SampleSettings, raw, ctx.where, ctx)
+    if section is None:
+        return None, []
+    if "samples" in section.model_fields_set:
+        key, entries = "samples", section.samples or []
     else:
-        key, entries = "prompts", section.get("prompts") or []
-    if not isinstance(entries, list) or not entries:
-        problems.append(f"{SAMPLE}: no prompts (`samples:` and `prompts:` are empty)")
-        return []
-    defaults = {k: section.get(k, v) for k, v in _SECTION_DEFAULTS.items()}
-    items: list[dict[str, Any]] = []
+        key, entries = "prompts", [{"prompt": p} for p in section.prompts]
+    if not entries:
+        ctx.warnings.append(f"{ctx.where}.{key}: empty: ai-toolkit samples nothing for this run, so previewd "
+                            f"renders nothing")
+        return section, []
+    items: list[SampleItemSettings | None] = []
     for i, entry in enumerate(entries):
-        where = f"{SAMPLE}.{key}[{i}]"
-        if key == "prompts":
-            entry = {"prompt": entry}
+        where = f"{ctx.where}.{key}[{i}]"
+        item = None
         if not isinstance(entry, dict):
-            problems.append(f"{where}: expected a mapping with `prompt:`, got {entry!r}")
-            entry = {"prompt": ""}
-        unknown = sorted(str(k) for k in entry if k not in _ITEM_KEYS)
-        if unknown:
-            warnings.append(f"{where}: unknown keys ignored by ai-toolkit: {', '.join(unknown)}")
-        items.append(entry)
-
-    base_seed = _check(defaults["seed"], (int,), "an integer", f"{SAMPLE}.seed", problems) or 0
-    item_seeds = [_check(it["seed"], (int,), "an integer", f"{SAMPLE}.{key}[{i}].seed", problems)
-                  if it.get("seed") is not None else None for i, it in enumerate(items)]
-    seeds = aitk_seeds(base_seed, bool(defaults["walk_seed"]), item_seeds)
-
+            ctx.problems.append(f"{where}: expected a mapping with `prompt:`, got {entry!r}")
+        else:
+            item = _validate(SampleItemSettings, entry, where, ctx)
+            _warn_unknown_keys(item, where, ctx)
+        items.append(item)
+    seeds = aitk_seeds(section.seed, section.walk_seed, [item.seed if item else None for item in items])
     samples = []
-    neg_missing = missing_explained = False
-    for i, item in enumerate(items):
-        where = f"{SAMPLE}.{key}[{i}]"
-        raw_prompt = item.get("prompt")
-        if not isinstance(raw_prompt, str):
-            problems.append(f"{where}.prompt: expected text, got {raw_prompt!r}")
-            continue
+    for i, (item, seed) in enumerate(zip(items, seeds)):
+        sample = item and _sample(i, f"{ctx.where}.{key}[{i}]", item, section, seed, ctx)
+        if sample:
+            samples.append(sample)
+    if ctx.mid != "flux2":  # FLUX.2 samples without a negative prompt
+        for text in sorted(ctx.odd_negs):
+            ctx.warnings.append(f"{ctx.where}.neg: {_ODD_NEGS[text]}: ai-toolkit encodes the negative prompt "
+                                f"\"{text}\", so previewd does too (set `neg: \"\"` for an empty one)")
+    return section, samples
 
-        def field(name: str, types: tuple[type, ...], what: str) -> Any:
-            src = f"{where}.{name}" if name in item else f"{SAMPLE}.{name}"
-            return _check(item.get(name, defaults[name]), types, what, src, problems)
 
-        width = field("width", (int,), "an integer")
-        height = field("height", (int,), "an integer")
-        steps = field("sample_steps", (int,), "an integer")
-        guidance = field("guidance_scale", (int, float), "a number")
-        multiplier = field("network_multiplier", (int, float), "a number")
-        neg = item.get("neg", defaults["neg"])
-        if neg is False:
-            # template.format(False) in ai-toolkit: the negative prompt really is the text "False".
-            neg, neg_missing = "False", True
-        elif neg is None:
-            warnings.append(f"{where}.neg: null, rendered with an empty negative prompt")
-            neg = ""
-        elif not isinstance(neg, str):
-            problems.append(f"{where}.neg: expected text, got {neg!r}")
-        ctrl_img = item.get("ctrl_img")
-        control = {"ctrl_img": ctrl_img, "ctrl_img_1": item.get("ctrl_img_1", ctrl_img),
-                   "ctrl_img_2": item.get("ctrl_img_2"), "ctrl_img_3": item.get("ctrl_img_3")}
-        try:
-            flags = parse_prompt_flags(inject_trigger(raw_prompt, trigger))
-        except PromptFlagError as exc:
-            problems.append(f"{where}.prompt: {exc}")
-            continue
-        if flags.dropped:
-            warnings.append(f"{where}.prompt: flags without effect here dropped: "
+def _warn_unknown_keys(item: SampleItemSettings | None, where: str, ctx: _Context) -> None:
+    for key in sorted(str(k) for k in (item.model_extra if item else None) or {}):
+        ctx.warnings.append(f"{where}.{key}: unknown key, ignored by ai-toolkit"
+                            + did_you_mean(key, SampleItemSettings.model_fields))
+
+
+def _sample(index: int, where: str, item: SampleItemSettings, section: SampleSettings, seed: int,
+            ctx: _Context) -> AitkSample | None:
+    try:
+        flags = parse_prompt_flags(inject_trigger(item.prompt, ctx.trigger))
+    except PromptFlagError as exc:
+        ctx.problems.append(f"{where}.prompt: {exc}")
+        return None
+    if flags.dropped:
+        ctx.warnings.append(f"{where}.prompt: flags without effect here dropped: "
                             + ", ".join(f"--{f}" for f in flags.dropped))
-        if flags.ctrl_img is not None:
-            control["ctrl_img"] = flags.ctrl_img
-        if None in (width, height, steps, guidance, multiplier) or not isinstance(neg, str):
+    try:
+        # -1 is random only as the seed GenerateImageConfig is given; a `--seed` flag is fixed.
+        final_seed = (torch_seed(flags.seed) if flags.seed is not None
+                      else seed if seed == RANDOM_SEED else torch_seed(seed))
+    except ValueError as exc:
+        ctx.problems.append(f"{where}.seed: {exc} (ai-toolkit crashes on it)")
+        return None
+    width = flags.width if flags.width is not None else _pick(item.width, section.width)
+    height = flags.height if flags.height is not None else _pick(item.height, section.height)
+    neg = flags.neg if flags.neg is not None else _pick(item.neg, section.neg)
+    if flags.neg is None and neg in _ODD_NEGS:
+        ctx.odd_negs.add(neg)
+    multiplier = (flags.network_multiplier if flags.network_multiplier is not None
+                  else _pick(item.network_multiplier, section.network_multiplier))
+    controls = _controls(where, item, flags.ctrl_img, ctx)
+    if controls is None:
+        return None
+    sample = AitkSample(
+        index=index, where=where, prompt=flags.prompt, raw_prompt=item.prompt, neg=neg,
+        width=floor_size(width), height=floor_size(height), seed=final_seed,
+        sample_steps=flags.sample_steps if flags.sample_steps is not None else _pick(item.sample_steps,
+                                                                                     section.sample_steps),
+        guidance_scale=float(flags.guidance_scale if flags.guidance_scale is not None
+                             else _pick(item.guidance_scale, section.guidance_scale)),
+        network_multiplier=float(multiplier), control=controls)
+    if ctx.mid is not None:
+        stub = tuple(ControlImage(slot=slot, path=src) for slot, src in sample.control)
+        ctx.problems += _spec_problems(where, ctx.mid, sample, stub)
+    return sample
+
+
+def _pick(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+def _controls(where: str, item: SampleItemSettings, flag_ctrl_img: str | None,
+              ctx: _Context) -> tuple[tuple[str, str], ...] | None:
+    """The control images this model's ai-toolkit class reads, local paths found on disk; None
+    after a problem.
+
+    GenerateImageConfig sets `ctrl_img_1` to `ctrl_img` when it is None (even when written as
+    null, config_modules.py:1184); a `--ctrl_img` flag is parsed after that and sets `ctrl_img` only.
+    """
+    given = {"ctrl_img": item.ctrl_img, "ctrl_img_1": item.ctrl_img_1 or item.ctrl_img,
+             "ctrl_img_2": item.ctrl_img_2, "ctrl_img_3": item.ctrl_img_3}
+    if flag_ctrl_img is not None:
+        given["ctrl_img"] = flag_ctrl_img
+    mid = ctx.mid
+    info = MODELS.get(mid) if mid else None
+    if info is None:
+        return ()
+    if info.family == "qwen" and info.control == "none":
+        if given["ctrl_img"] is not None:
+            ctx.problems.append(f"{where}.ctrl_img: ai-toolkit's {mid} model takes no control image (its sampler "
+                                f"raises NotImplementedError for `ctrl_img`)")
+            return None
+        chosen: dict[str, str | None] = {}
+        ignored = [s for s in ("ctrl_img_1", "ctrl_img_2", "ctrl_img_3") if s in item.model_fields_set and given[s]]
+    elif info.control == "single":
+        # qwen_image_edit.py hands the pipeline `ctrl_img` only; its text encoder reads the first
+        # of ctrl_img, ctrl_img_1.. which is then `ctrl_img` too.
+        chosen = {"ctrl_img": given["ctrl_img"]}
+        ignored = [s for s in ("ctrl_img_1", "ctrl_img_2", "ctrl_img_3")
+                   if s in item.model_fields_set and given[s] and given[s] != given["ctrl_img"]]
+    elif info.control == "multi":
+        chosen = given  # encoded as ai-toolkit's list [ctrl_img?, ctrl_img_1?, _2?, _3?]
+        ignored = []
+    else:  # FLUX.2 reads `ctrl_img` or else `ctrl_img_1`, then `_2` and `_3`
+        first = "ctrl_img" if given["ctrl_img"] is not None else "ctrl_img_1"
+        chosen = {first: given[first], "ctrl_img_2": given["ctrl_img_2"], "ctrl_img_3": given["ctrl_img_3"]}
+        ignored = []
+    if ignored:
+        ctx.warnings.append(f"{where}: {', '.join(ignored)} ignored: ai-toolkit's {mid} model does not read "
+                            f"{'it' if len(ignored) == 1 else 'them'}, nor does previewd")
+    found: dict[str, str | None] = {}
+    controls = []
+    for slot, source in chosen.items():
+        if source is None:
             continue
-        controls = []
-        for slot, src in control.items():
-            if src is None:
-                continue
-            if not isinstance(src, str):
-                problems.append(f"{where}.{slot}: expected a file path, got {src!r}")
-                continue
-            controls.append((slot, src))
-            # An inherited ctrl_img_1 is ctrl_img again: report the file once, where it was written.
-            inherited = slot == "ctrl_img_1" and "ctrl_img_1" not in item
-            local = not is_url(src) and not src.startswith("data:")
-            if local and not inherited and not resolve_path(src, job_dir).is_file():
-                problems.append(f"{where}.{slot}: file not found: {resolve_path(src, job_dir)}"
-                                + ("" if missing_explained else _MISSING_IMAGE_HELP))
-                missing_explained = True
-        sample = AitkSample(
-            index=i, prompt=flags.prompt, raw_prompt=raw_prompt,
-            neg=flags.neg if flags.neg is not None else neg,
-            width=floor_size(flags.width if flags.width is not None else width),
-            height=floor_size(flags.height if flags.height is not None else height),
-            seed=flags.seed if flags.seed is not None else seeds[i],
-            sample_steps=flags.sample_steps if flags.sample_steps is not None else steps,
-            guidance_scale=float(flags.guidance_scale if flags.guidance_scale is not None else guidance),
-            network_multiplier=float(flags.network_multiplier if flags.network_multiplier is not None
-                                     else multiplier),
-            control=tuple(controls),
-        )
-        if mid is not None:
-            controls_stub = tuple(ControlImage(slot=s, path=src) for s, src in sample.control)
-            problems += _spec_problems(where, lambda: _spec(mid, "aitk", sample, AitkOptions(), None, controls_stub))
-        samples.append(sample)
-    if neg_missing and mid != "flux2":
-        warnings.append(f"{SAMPLE}.neg: not set; ai-toolkit encodes the negative prompt \"False\", "
-                        f"so previewd does too (set `neg: \"\"` for an empty one)")
-    return samples
+        if source not in found:
+            found[source] = _find_control(f"{where}.{slot}", source, ctx)
+        controls.append((slot, found[source]))
+    return None if None in found.values() else tuple(controls)  # type: ignore[arg-type]
+
+
+def _find_control(where: str, source: str, ctx: _Context) -> str | None:
+    """A local control image as an absolute path: the run folder first, then ai-toolkit's folder
+    (where ai-toolkit itself reads relative paths from). URLs and data URIs pass as they are."""
+    if is_url(source) or source.startswith("data:"):
+        return source
+    tried = [resolve_path(source, ctx.job_dir)]
+    if ctx.aitk_root is not None and not Path(source).expanduser().is_absolute():
+        tried.append(resolve_path(source, ctx.aitk_root))
+    for path in tried:
+        if path.is_file():
+            return str(path)
+    explained = any(_MISSING_IMAGE_HELP in p for p in ctx.problems)
+    ctx.problems.append(f"{where}: file not found: " + (str(tried[0]) if len(tried) == 1 else
+                                                         f"tried {', '.join(str(p) for p in tried)}")
+                        + ("" if explained else _MISSING_IMAGE_HELP))
+    return None
 
 
 def _spec(mid: str, parity: str, sample: AitkSample, options: AitkOptions, lora: LoraSpec | None,
-          controls: tuple[ControlImage, ...]) -> RenderSpec:
+          controls: tuple[ControlImage, ...], base: str | None = None) -> RenderSpec:
     return RenderSpec(model=mid, parity=parity, prompt=sample.prompt, neg=sample.neg, width=sample.width,
                       height=sample.height, seed=sample.seed, sample_steps=sample.sample_steps,
-                      guidance_scale=sample.guidance_scale, lora=lora, control_images=controls, aitk=options)
+                      guidance_scale=sample.guidance_scale, lora=lora, control_images=controls, aitk=options,
+                      base=base)
 
 
-def _spec_problems(where: str, build: Callable[[], RenderSpec]) -> list[str]:
+def _spec_problems(where: str, mid: str, sample: AitkSample, controls: tuple[ControlImage, ...]) -> list[str]:
+    """What previewd itself cannot render, said where the config says it."""
     try:
-        spec = build()
+        lora = LoraSpec(path=".", network_multiplier=sample.network_multiplier)
+        spec = _spec(mid, "aitk", sample, AitkOptions(), lora, controls)
     except ValidationError as exc:
-        return [f"{where}.{'.'.join(str(p) for p in e['loc'])}: {e['msg']} (got {e['input']!r})"
-                for e in exc.errors()]
+        return format_validation_error(exc, RenderSpec, where=where)
     return [f"{where}.{p}" for p in validate_spec(spec)]
 
 
@@ -374,13 +716,15 @@ def specs_for_checkpoint(job: AitkJob, lora_path: str | None, *, parity: str, re
     resolver = ControlResolver(resolve_image, job.job_dir)
     renders = []
     for sample in job.samples:
-        controls, failed = resolver.resolve(f"{SAMPLE}.samples[{sample.index}]", sample.control)
+        controls, failed = resolver.resolve(sample.where, sample.control)
         problems += failed
         lora = None if lora_path is None else LoraSpec(
             path=lora_path, network_multiplier=sample.network_multiplier, sha256=lora_sha256)
-        spec = _spec(job.model, parity, sample, job.aitk, lora, tuple(controls))
-        renders.append((sample.index, spec))
+        renders.append((sample.index, _spec(job.model, parity, sample, job.aitk, lora, tuple(controls), job.base)))
     if problems:
+        hint = next((i for i, p in enumerate(problems) if "allowed roots" in p), None)
+        if hint is not None:
+            problems[hint] += _OUTSIDE_ROOTS_HELP
         raise IntakeError(job.config_path, KIND, problems)
     return renders
 
@@ -418,7 +762,7 @@ def checkpoint_step(job: AitkJob, path: Path, header_metadata: dict[str, Any] | 
 def parity_gaps(job: AitkJob) -> list[str]:
     """Known reasons this run's own samples can differ from previewd's renders (aitk-sampling.md §C.4-5)."""
     s = job.settings
-    gaps = []
+    gaps = [job.base_gap] if job.base_gap else []
     if s["quantize"]:
         gaps.append(f"ai-toolkit sampled a {s['qtype'] or 'qfloat8'}-quantised transformer (previewd applies the "
                     "LoRA unmerged as it did, but renders the unquantised model): small differences are expected")
@@ -429,4 +773,3 @@ def parity_gaps(job: AitkJob) -> list[str]:
         gaps.append(f"checkpoints are saved in {s['save_dtype']}; ai-toolkit samples with the live training "
                     "weights, previewd with the saved ones")
     return gaps
-

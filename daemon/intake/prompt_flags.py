@@ -84,6 +84,21 @@ def floor_size(value: int) -> int:
     return max(64, value - value % 8)
 
 
+RANDOM_SEED = -1
+"""GenerateImageConfig draws a random seed for -1, but only for the seed it is given: a `--seed -1`
+flag is parsed afterwards and stays a fixed seed (config_modules.py:1165 vs :1192)."""
+TORCH_SEEDS = range(-2**63, 2**64)
+"""What torch.manual_seed accepts; ai-toolkit crashes on anything else."""
+
+
+def torch_seed(seed: int) -> int:
+    """The seed torch.manual_seed really uses: it reads a negative one as its 64-bit two's
+    complement (-1 -> 2**64 - 1). Raises ValueError where torch refuses the seed."""
+    if seed not in TORCH_SEEDS:
+        raise ValueError(f"{seed} is outside what torch.manual_seed accepts (-2**63 to 2**64 - 1)")
+    return seed % 2**64
+
+
 def aitk_seeds(base_seed: int, walk_seed: bool, item_seeds: Sequence[int | None]) -> list[int]:
     """ai-toolkit's seed per sample (§B.2): an item's own seed persists to later items unless walking."""
     seeds = []

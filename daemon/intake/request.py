@@ -8,7 +8,6 @@ section seed for every prompt (walk_seed off). So `parity: reference` gives 42 +
 
 from __future__ import annotations
 
-import difflib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import ErrorDetails
 
 from previewd.errors import IntakeError
 from previewd.intake.controls import ControlResolver, ResolveImage
@@ -23,6 +23,7 @@ from previewd.intake.paths import is_url, outside_roots_message, resolve_path, w
 from previewd.intake.prompt_flags import PromptFlagError, aitk_seeds, floor_size, parse_prompt_flags
 from previewd.catalog import validate_spec
 from previewd.intake.paths import PICKLED_SUFFIXES
+from previewd.validation_errors import format_validation_error
 from previewd.spec import (CONTROL_SLOTS, DEFAULT_GUIDANCE, DEFAULT_SEED, DEFAULT_STEPS, MAX_GUIDANCE,
                            MAX_MULTIPLIER, MAX_SIDE, MAX_STEPS, MIN_SIDE, MODEL_IDS, AitkOptions, LoraSpec,
                            ModelId, Parity, RenderSpec)
@@ -106,40 +107,18 @@ class RequestPlan:
     warnings: list[str] = field(default_factory=list)
 
 
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
 def format_errors(exc: ValidationError, model: type[BaseModel] = RequestIn) -> list[str]:
     """pydantic errors as "dotted.loc: message (got value)", with a hint for misspelt keys."""
-    lines = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            known = _known_fields(model, err["loc"][:-1])
-            close = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
-            msg = "unknown field (extra_forbidden)" + (f"; did you mean {close[0]!r}?" if close else "")
-        elif err["type"] == "too_long" and err["loc"] == ("loras",):
-            msg = "only one LoRA per request (reference server SINGLE_LORA_ONLY)"
-        elif err["type"] == "literal_error" and err["loc"] == ("model",):
-            msg = f"unknown model id (known: {', '.join(MODEL_IDS)})"
-        if err["type"] not in ("missing", "extra_forbidden") and not isinstance(err["input"], (dict, list)):
-            msg += f" (got {_show(err['input'])})"
-        lines.append(f"{loc}: {msg}")
-    return lines
+    return format_validation_error(exc, model, explain=_explain)
 
 
-def _known_fields(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
-    """Field names valid at `loc`, following nested models and list indices."""
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        annotation = model.model_fields[part].annotation
-        inner = getattr(annotation, "__args__", (annotation,))
-        model = next(a for a in inner if isinstance(a, type) and issubclass(a, BaseModel))
-    return list(model.model_fields)
+def _explain(err: ErrorDetails) -> str | None:
+    """What the reference server's own words are for errors a request shares with it."""
+    if err["type"] == "too_long" and err["loc"] == ("loras",):
+        return "only one LoRA per request (reference server SINGLE_LORA_ONLY)"
+    if err["type"] == "literal_error" and err["loc"] == ("model",):
+        return f"unknown model id (known: {', '.join(MODEL_IDS)})"
+    return None
 
 
 def _load(path: Path) -> Any:

@@ -38,7 +38,7 @@ def test_every_problem_is_reported_with_its_key(tmp_path):
         load_config(path)
     message = str(info.value)
     for key in ("outbox_root: Field required", "device:", "parity:", "worker.lease_seconds:", "models:",
-                "typo_key: Extra inputs are not permitted"):
+                "typo_key: unknown field (extra_forbidden)"):
         assert key in message, message
     assert info.value.exit_code == 2
 

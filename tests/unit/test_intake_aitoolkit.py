@@ -83,7 +83,7 @@ def test_example_edit_jobs_with_images_present(tmp_path, name, model, first_prom
     specs = specs_for_checkpoint(job, "/ck.safetensors", parity="aitk", resolve_image=fake_resolver)
     slots = [c.slot for c in specs[0][1].control_images]
     if model == "qwen_image_edit":
-        assert slots == ["ctrl_img", "ctrl_img_1"]  # SampleItem.ctrl_img_1 defaults to ctrl_img
+        assert slots == ["ctrl_img"]  # ai-toolkit's edit model reads ctrl_img only
     else:
         assert slots == ["ctrl_img_1", "ctrl_img_2"]
 
@@ -109,9 +109,15 @@ def test_model_id_tag_is_only_a_hint():
     assert mid == "qwen_image" and "using qwen_image" in warnings[0]
 
 
+def test_model_id_qwen_image_arch_samples_edit_weights_as_text_to_image():
+    mid, warnings = model_id("qwen_image", "Qwen/Qwen-Image-Edit-2509")
+    assert mid == "qwen_image" and "text-to-image pipeline" in warnings[0]
+
+
 @pytest.mark.parametrize("arch,nop,match", [
     ("wan22_14b", "x", "not supported"),
-    ("qwen_image", "Qwen/Qwen-Image-Edit-2509", "does not match"),
+    ("qwen_image_edit", "Qwen/Qwen-Image-2512", "does not match"),
+    ("flux2", "Qwen/Qwen-Image", "does not match"),
 ])
 def test_model_id_errors(arch, nop, match):
     with pytest.raises(ValueError, match=match):
@@ -191,7 +197,8 @@ def test_all_problems_in_one_error(tmp_path):
     assert "config.process[0].network.type: 'lokr' is not supported" in text
     assert "config.process[0].model: arch 'sdxl' is not supported" in text
     assert "samples[0].prompt: --w: expected an integer, got 'big'" in text
-    assert "samples[1].width: expected an integer, got 'wide'" in text
+    assert "samples[1].width: Value error, expected a number of pixels (ai-toolkit's sampler crashes on " \
+           "anything else) (got 'wide')" in text
 
 
 def test_spec_problems_reported_at_read_time(tmp_path):
@@ -202,7 +209,8 @@ def test_spec_problems_reported_at_read_time(tmp_path):
     with pytest.raises(IntakeError) as err:
         read_job(path)
     assert err.value.problems[0].startswith("config.process[0].sample.samples[0].sample_steps: ")
-    assert err.value.problems[1].startswith("config.process[0].sample.samples[1].ctrl_img: qwen_image_2512 takes no")
+    assert err.value.problems[1].startswith("config.process[0].sample.samples[1].ctrl_img: ai-toolkit's "
+                                            "qwen_image_2512 model takes no control image")
 
 
 def test_edit_model_without_control_image_is_an_error(tmp_path):
