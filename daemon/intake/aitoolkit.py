@@ -557,8 +557,8 @@ def _read_samples(raw: dict[str, Any], ctx: _Context) -> tuple[SampleSettings | 
     seeds = aitk_seeds(section.seed, section.walk_seed, [item.seed if item else None for item in items])
     samples = []
     for i, (item, seed) in enumerate(zip(items, seeds)):
-        sample = item and _sample(i, f"{ctx.where}.{key}[{i}]", item, section, seed, ctx)
-        if sample:
+        sample = _sample(i, f"{ctx.where}.{key}[{i}]", item, section, seed, ctx) if item else None
+        if sample is not None:
             samples.append(sample)
     if ctx.mid != "flux2":  # FLUX.2 samples without a negative prompt
         for text in sorted(ctx.odd_negs):
@@ -657,15 +657,15 @@ def _controls(where: str, item: SampleItemSettings, flag_ctrl_img: str | None,
     if ignored:
         ctx.warnings.append(f"{where}: {', '.join(ignored)} ignored: ai-toolkit's {mid} model does not read "
                             f"{'it' if len(ignored) == 1 else 'them'}, nor does previewd")
+    wanted = [(slot, source) for slot, source in chosen.items() if source is not None]
     found: dict[str, str | None] = {}
-    controls = []
-    for slot, source in chosen.items():
-        if source is None:
-            continue
+    for slot, source in wanted:  # each file once: the ctrl_img_1 copy is not reported again
         if source not in found:
             found[source] = _find_control(f"{where}.{slot}", source, ctx)
-        controls.append((slot, found[source]))
-    return None if None in found.values() else tuple(controls)  # type: ignore[arg-type]
+    located = {source: path for source, path in found.items() if path is not None}
+    if len(located) < len(found):
+        return None
+    return tuple((slot, located[source]) for slot, source in wanted)
 
 
 def _find_control(where: str, source: str, ctx: _Context) -> str | None:

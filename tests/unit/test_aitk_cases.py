@@ -199,6 +199,23 @@ def test_row6_text_where_ai_toolkit_crashes_is_one_error_not_one_per_prompt(tmp_
         "on anything else) (got '1024')"]
 
 
+def test_row6_other_coercions_follow_ai_toolkit(tmp_path):
+    # torch.manual_seed int()s a seed (text works, and text -1 is never the random -1); sizes are
+    # floored with `v - v % 8`, so a float size works too.
+    [config] = write_run("job", process("job", training_folder=str(tmp_path), walk_seed=False, seed="-1",
+                                        width=700.9, samples=[{"prompt": "a"}, {"prompt": "b", "seed": "12"}]))
+    _, renders = render(config, tmp_path)
+    assert [params(spec) for _, spec in renders] == [("a", "", 2**64 - 1, 696, 1024, 25, 4.0, 1.0, []),
+                                                     ("b", "", 12, 696, 1024, 25, 4.0, 1.0, [])]
+    [config] = write_run("job", process("job", training_folder=str(tmp_path), seed="42", sample_steps=25.0,
+                                        prompts=["a"]))
+    with pytest.raises(IntakeError) as err:
+        read_job(config)
+    assert [p.split(": ")[0] for p in err.value.problems] == ["config.process[0].sample.seed",
+                                                              "config.process[0].sample.sample_steps"]
+    assert "cannot walk" in err.value.problems[0] and "whole number" in err.value.problems[1]
+
+
 @pytest.mark.parametrize("fmt", ["jpeg", "JPG"])
 def test_row7_sample_format_is_the_extension_as_written(tmp_path, fmt):
     [config] = write_run("job", process("job", training_folder=str(tmp_path), format=fmt, prompts=["a"]))

@@ -1,7 +1,7 @@
 import pytest
 
 from previewd.intake.prompt_flags import (PromptFlagError, aitk_seeds, floor_size, inject_trigger,
-                                          parse_prompt_flags)
+                                          parse_prompt_flags, torch_seed)
 
 
 def test_trigger_replaces_trigger_and_name_only_when_set():
@@ -50,3 +50,10 @@ def test_seeds_walk_and_carry_over():
     assert aitk_seeds(42, True, [None, 7, None]) == [42, 7, 44]
     # without walk_seed an item's seed persists to the following items
     assert aitk_seeds(42, False, [None, 7, None, 3, None]) == [42, 7, 7, 3, 3]
+
+
+def test_torch_seed_wraps_negatives_like_torch_and_refuses_what_torch_refuses():
+    assert [torch_seed(s) for s in (0, 42, -1, -2**63, 2**64 - 1)] == [0, 42, 2**64 - 1, 2**63, 2**64 - 1]
+    for bad in (2**64, -2**63 - 1):
+        with pytest.raises(ValueError, match="torch.manual_seed"):
+            torch_seed(bad)
