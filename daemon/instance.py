@@ -25,8 +25,12 @@ database_url:
 # Where previews of requests that are not part of a training run are written.
 outbox_root: ./outbox
 # Extra folders that files dropped into the inbox may name (control images, LoRAs).
-# The inbox and watch.roots are always allowed.
+# The inbox and watch.roots are always allowed. Control images uploaded through ai-toolkit's UI
+# live in its data folder (<dataRoot>/images/): add that folder here to render those runs.
 allowed_roots: []
+# ai-toolkit's own folder (where it runs from): relative ctrl_img paths of a run are looked up in
+# the run folder first, then here; a relative name_or_path here. Empty: the run folder only.
+aitk_root:
 # auto (CUDA when available, else CPU), cpu, cuda or cuda:N.
 device: auto
 # auto (bfloat16 on CUDA, as ai-toolkit trains; float32 on CPU), bfloat16, float16 or float32.
