@@ -5,22 +5,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 MANIFEST_VERSION = 1
+# The models keep pydantic's default of ignoring unknown keys: a manifest that a newer previewd
+# wrote may carry more, and is still read.
 
 
-class _Entry(BaseModel):
-    # Manifests written by a newer previewd may carry more: keep reading them.
-    model_config = ConfigDict(extra="ignore")
+class ControlRef(BaseModel):
+    """A control image of the render, named by content (its file lives in the state folder)."""
 
-
-class ControlRef(_Entry):
     slot: str
     sha256: str | None = None
 
 
-class RenderEntry(_Entry):
+class RenderEntry(BaseModel):
     """One rendered image and how it was made."""
 
     image: str = ""
@@ -61,13 +60,13 @@ class RenderEntry(_Entry):
         return self.checkpoint or "base"
 
 
-class PromptSummary(_Entry):
+class PromptSummary(BaseModel):
     index: int
     prompt: str
     neg: str = ""
 
 
-class CheckpointSummary(_Entry):
+class CheckpointSummary(BaseModel):
     checkpoint: str | None
     step: int | None = None
     sha256: str | None = None
@@ -79,7 +78,7 @@ class CheckpointSummary(_Entry):
         return f"step {self.step}" if self.step is not None else self.checkpoint
 
 
-class Manifest(_Entry):
+class Manifest(BaseModel):
     version: int = MANIFEST_VERSION
     title: str | None = None
     source: str | None = None
