@@ -55,13 +55,6 @@ class OutputConfig(_Strict):
     """Also render each run's prompts on the base model (no LoRA), like ai-toolkit's step-0 sample."""
 
 
-class ModelConfig(_Strict):
-    path: str
-    """A hub id (resolved through the user's Hugging Face cache) or a local diffusers-layout folder."""
-    text_encoder: str | None = None
-    quantize_text_encoder: Literal["none", "qfloat8"] = "none"
-
-
 class Config(_Strict):
     inbox: Path
     state_dir: Path
@@ -80,7 +73,7 @@ class Config(_Strict):
     watch: WatchConfig = WatchConfig()
     worker: WorkerConfig = WorkerConfig()
     output: OutputConfig = OutputConfig()
-    models: dict[str, ModelConfig] = Field(default_factory=dict)
+    models: dict[str, ModelSource] = Field(default_factory=dict)
 
     @field_validator("device")
     @classmethod
@@ -91,7 +84,7 @@ class Config(_Strict):
 
     @field_validator("models")
     @classmethod
-    def _models(cls, value: dict[str, ModelConfig]) -> dict[str, ModelConfig]:
+    def _models(cls, value: dict[str, ModelSource]) -> dict[str, ModelSource]:
         unknown = sorted(set(value) - set(MODEL_IDS))
         if unknown:
             raise ValueError(f"unknown model id(s) {', '.join(unknown)} (known: {', '.join(MODEL_IDS)})")
@@ -117,13 +110,11 @@ class Config(_Strict):
     def confinement_roots(self) -> list[Path]:
         return [p.resolve() for p in (*self.watch_roots, *self.allowed_roots)]
 
-    def model_source(self, model_id: str) -> ModelSource:
-        """Where `model_id` loads from: configured, else its hub id (through the local cache)."""
-        configured = self.models.get(model_id)
-        if configured is None:
-            return ModelSource(path=MODELS[model_id].hub_id)
-        return ModelSource(path=configured.path, text_encoder=configured.text_encoder,
-                           quantize_text_encoder=configured.quantize_text_encoder)
+    def model_source(self, model_id: str, base: str | None = None) -> ModelSource:
+        """Where `model_id` loads from: the configured source, else its hub id (through the local
+        cache); `base` (a run's own weights, RenderSpec.base) replaces the path and keeps the rest."""
+        source = self.models.get(model_id) or ModelSource(path=MODELS[model_id].hub_id)
+        return source if base is None else source.model_copy(update={"path": base})
 
 
 def _resolve_paths(data: dict, base: Path) -> dict:

@@ -102,6 +102,8 @@ class RenderSpec(_Frozen):
     def identity(self) -> dict[str, Any]:
         """What determines the pixels, with files named by content, not by path."""
         data = self.model_dump(mode="json")
+        if data["base"] is None:  # keys of jobs queued before the field existed stay the same
+            del data["base"]
         if self.lora is not None:
             data["lora"] = {"sha256": self.lora.sha256 or self.lora.path,
                             "network_multiplier": self.lora.network_multiplier}

@@ -22,7 +22,7 @@ from previewd.errors import JobStateError, PipelineError, PipelineOutOfMemory, R
 from previewd.manifest import ControlRef, RenderEntry
 from previewd.queue import Job, JobState, JobStore
 from previewd.retry import RetryPolicy
-from previewd.spec import RenderResult
+from previewd.spec import ModelSource, RenderResult
 from previewd.tasks import RenderTask
 
 log = logging.getLogger(__name__)
@@ -47,12 +47,14 @@ class Renderer:
         self._config = config
         self._factory = factory
         self._pipeline = None
+        self._source: ModelSource | None = None
         self.model: str | None = None
         self.lora_sha: str | None = None
         self._versions = library_versions()
 
-    def _get(self, model_id: str):
-        if self.model == model_id and self._pipeline is not None:
+    def _get(self, model_id: str, base: str | None):
+        source = self._config.model_source(model_id, base)
+        if self.model == model_id and self._source == source and self._pipeline is not None:
             return self._pipeline
         self.close()
         factory = self._factory
@@ -60,13 +62,12 @@ class Renderer:
             from previewd import pipelines
 
             factory = pipelines.create
-        pipeline = factory(model_id, self._config.model_source(model_id),
-                           device=self._config.device, dtype=self._config.dtype)
+        pipeline = factory(model_id, source, device=self._config.device, dtype=self._config.dtype)
         self._wait_for_memory(getattr(pipeline, "device", "cpu"))
         started = time.monotonic()
         pipeline.load()
-        log.info("loaded %s in %.1fs", model_id, time.monotonic() - started)
-        self._pipeline, self.model = pipeline, model_id
+        log.info("loaded %s from %s in %.1fs", model_id, source.path, time.monotonic() - started)
+        self._pipeline, self.model, self._source = pipeline, model_id, source
         return pipeline
 
     def _wait_for_memory(self, device: str) -> None:
@@ -82,7 +83,7 @@ class Renderer:
 
     def render(self, task: RenderTask, *, on_step=None, should_stop=None) -> RenderResult:
         try:
-            result = self._get(task.spec.model).render(task.spec, on_step=on_step, should_stop=should_stop)
+            result = self._get(task.spec.model, task.spec.base).render(task.spec, on_step=on_step, should_stop=should_stop)
         except PipelineOutOfMemory as exc:
             message = str(exc)
         else:
@@ -112,7 +113,7 @@ class Renderer:
     def close(self) -> None:
         if self._pipeline is not None:
             self._pipeline.unload()
-        self._pipeline, self.model, self.lora_sha = None, None, None
+        self._pipeline, self._source, self.model, self.lora_sha = None, None, None, None
 
 
 class Worker:

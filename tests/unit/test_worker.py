@@ -24,6 +24,7 @@ class StandIn:
 
     def __init__(self, model_id, source, *, device, dtype):
         self.model_id, self.device, self.loads, self.unloaded = model_id, "cpu", 0, False
+        self.source = source
         StandIn.instances.append(self)
 
     def load(self):
@@ -115,7 +116,7 @@ def test_shutdown_returns_the_running_job_to_the_queue(env):
     assert job.state == JobState.QUEUED and job.attempts == 0
 
 
-def test_a_job_cancelled_while_it_renders_is_stopped_through_the_lease(tmp_path):
+def test_a_job_cancelled_while_it_renders_is_stopped_through_the_lease(tmp_path, monkeypatch):
     StandIn.instances = []
     (tmp_path / "config.yaml").write_text(render_config().replace("heartbeat_seconds: 10", "heartbeat_seconds: 0.01"))
     config = load_config(tmp_path / "config.yaml")
@@ -134,9 +135,23 @@ def test_a_job_cancelled_while_it_renders_is_stopped_through_the_lease(tmp_path)
             seen.append(should_stop())
             raise RenderInterrupted("stopped after step 1/3")
 
-        StandIn.render = staticmethod(render)
-        try:
-            assert worker.run_once(threading.Event())
-        finally:
-            del StandIn.render
+        monkeypatch.setattr(StandIn, "render", staticmethod(render))
+        assert worker.run_once(threading.Event())
         assert seen == [True] and store.get(job.id).state == JobState.CANCELLED
+
+
+def test_a_run_on_its_own_base_loads_that_base_and_keeps_the_configured_options(env):
+    config, _store, renderer, _worker = env
+
+    def task(base):
+        return RenderTask(spec=RenderSpec(model="qwen_image_2512", prompt="x", width=64, height=64, base=base),
+                          target=OutputTarget(out_dir=str(config.outbox_root), image_name="x.png", title="t",
+                                              source="s", prompt_index=0))
+
+    renderer.render(task(None))
+    renderer.render(task("/srv/models/my-finetune"))
+    renderer.render(task("/srv/models/my-finetune"))
+    configured = config.model_source("qwen_image_2512")
+    assert [s.source.path for s in StandIn.instances] == [configured.path, "/srv/models/my-finetune"]
+    assert StandIn.instances[1].source.quantize_text_encoder == configured.quantize_text_encoder
+    assert StandIn.instances[0].unloaded and StandIn.instances[1].loads == 1
