@@ -112,9 +112,12 @@ class Config(_Strict):
 
     def model_source(self, model_id: str, base: str | None = None) -> ModelSource:
         """Where `model_id` loads from: the configured source, else its hub id (through the local
-        cache); `base` (a run's own weights, RenderSpec.base) replaces the path and keeps the rest."""
+        cache). `base` is a run's own weights (RenderSpec.base): ai-toolkit loads the text encoder
+        and VAE from there too, so only the quantisation setting is kept."""
         source = self.models.get(model_id) or ModelSource(path=MODELS[model_id].hub_id)
-        return source if base is None else source.model_copy(update={"path": base})
+        if base is None or base == source.path:
+            return source
+        return ModelSource(path=base, quantize_text_encoder=source.quantize_text_encoder)
 
 
 def _resolve_paths(data: dict, base: Path) -> dict:

@@ -27,6 +27,8 @@ class RenderEntry(BaseModel):
     rendered_at: str | None = None
     job_id: int | None = None
     model: str
+    base: str | None = None
+    """The run's own base weights when it was rendered on them (None: the configured model)."""
     checkpoint: str | None = None
     """Original file name of the LoRA checkpoint; None: the base model."""
     checkpoint_sha256: str | None = None

@@ -98,7 +98,7 @@ class Renderer:
         """Put the image and its record into the outbox."""
         spec, target = task.spec, task.target
         entry = RenderEntry(
-            job_id=job_id, model=spec.model, checkpoint=target.checkpoint,
+            job_id=job_id, model=spec.model, base=spec.base, checkpoint=target.checkpoint,
             checkpoint_sha256=spec.lora.sha256 if spec.lora else None, step=target.step,
             prompt_index=target.prompt_index, prompt=spec.prompt, neg=spec.neg, seed=result.seed,
             requested_seed=spec.seed, width=result.width, height=result.height, requested_width=spec.width,

@@ -107,7 +107,7 @@ class Planner:
 
     # -- ai-toolkit runs ---------------------------------------------------------------------
     def _plan_run(self, config_path: Path, plan: Plan) -> None:
-        job = aitoolkit.read_job(config_path)
+        job = aitoolkit.read_job(config_path, aitk_root=self._config.aitk_root)
         plan.accepted.append(config_path)
         plan.notes.extend(job.warnings)
         if self._config.output.baseline:
@@ -122,7 +122,7 @@ class Planner:
                 plan.rejected.append(IntakeError(checkpoint, "checkpoint", [f"(file): {exc}"]))
 
     def _plan_checkpoint(self, config_path: Path, path: Path, plan: Plan) -> None:
-        job = aitoolkit.read_job(config_path)
+        job = aitoolkit.read_job(config_path, aitk_root=self._config.aitk_root)
         if not aitoolkit.is_checkpoint(job, path):
             plan.notes.append(f"not a checkpoint of run {job.name!r}: left alone")
             return

@@ -140,7 +140,7 @@ def test_a_job_cancelled_while_it_renders_is_stopped_through_the_lease(tmp_path,
         assert seen == [True] and store.get(job.id).state == JobState.CANCELLED
 
 
-def test_a_run_on_its_own_base_loads_that_base_and_keeps_the_configured_options(env):
+def test_a_run_on_its_own_base_loads_that_base_with_its_own_text_encoder(env):
     config, _store, renderer, _worker = env
 
     def task(base):
@@ -153,5 +153,6 @@ def test_a_run_on_its_own_base_loads_that_base_and_keeps_the_configured_options(
     renderer.render(task("/srv/models/my-finetune"))
     configured = config.model_source("qwen_image_2512")
     assert [s.source.path for s in StandIn.instances] == [configured.path, "/srv/models/my-finetune"]
-    assert StandIn.instances[1].source.quantize_text_encoder == configured.quantize_text_encoder
+    own = StandIn.instances[1].source
+    assert own.quantize_text_encoder == configured.quantize_text_encoder and own.text_encoder is None
     assert StandIn.instances[0].unloaded and StandIn.instances[1].loads == 1
