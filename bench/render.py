@@ -37,14 +37,14 @@ def _controls(model_id: str, folder: Path, size: int) -> tuple[ControlImage, ...
 
 def _loras(model_id: str, model_dir: Path, folder: Path) -> list[LoraSpec]:
     """Two tiny checkpoints in ai-toolkit's format, only for the tiny models this script builds."""
-    from previewd.pipelines import tiny_flux2
-    from previewd.pipelines.tiny_models import write_random_lora
+    from previewd.pipelines.tiny.flux2 import write_bfl_lora
+    from previewd.pipelines.tiny.qwen import write_random_lora
 
     paths = []
     for seed in (1, 2):
         path = folder / f"{model_id}_{seed}.safetensors"
         if model_id == "flux2":
-            tiny_flux2.write_bfl_lora(path, seed=seed)
+            write_bfl_lora(path, seed=seed)
         else:
             write_random_lora(model_dir, path, seed=seed)
         paths.append(LoraSpec(path=str(path), sha256=f"bench{seed}"))
@@ -100,7 +100,7 @@ def main() -> int:
             sources = {m: config.model_source(m) for m in model_ids}
             loras = {m: [] for m in model_ids}
         else:
-            from previewd.pipelines.tiny_models import build_all
+            from previewd.pipelines.tiny import build_all
 
             device, dtype = "cpu", "float32"
             folders = build_all(scratch / "models", model_ids)

@@ -46,7 +46,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_tiny_models(args: argparse.Namespace) -> int:
-    from previewd.pipelines.tiny_models import build_all
+    from previewd.pipelines.tiny import build_all
 
     for model_id, folder in build_all(Path(args.dir), args.model or None).items():
         print(f"{model_id}: {folder}")

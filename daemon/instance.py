@@ -174,7 +174,7 @@ def init_instance(folder: Path, *, tiny: bool = False, example: bool = False, fo
     for sub in ("inbox", "state", "outbox"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
     if tiny:
-        from previewd.pipelines.tiny_models import build_all
+        from previewd.pipelines.tiny import build_all
 
         build_all(folder / "models")
     # The demo settles fast so a first run finishes quickly; real checkpoints want the default.
@@ -186,7 +186,7 @@ def init_instance(folder: Path, *, tiny: bool = False, example: bool = False, fo
 
 
 def write_example(inbox: Path, model_dir: Path) -> None:
-    from previewd.pipelines.tiny_models import write_random_lora
+    from previewd.pipelines.tiny.qwen import write_random_lora
 
     run = inbox / "example_lora"
     run.mkdir(parents=True, exist_ok=True)

@@ -15,12 +15,12 @@ _torchvision_compat.install()
 __all__ = ["PreviewPipeline", "create"]
 
 _ADAPTERS = {
-    "qwen_image": ("qwen_image", "QwenImagePreview"),
-    "qwen_image_2512": ("qwen_image", "QwenImagePreview"),
-    "qwen_image_edit": ("qwen_image", "QwenImageEditPreview"),
-    "qwen_image_edit_plus": ("qwen_image", "QwenImageEditPlusPreview"),
-    "qwen_image_edit_plus_2511": ("qwen_image", "QwenImageEditPlusPreview"),
-    "flux2": ("flux2", "Flux2Preview"),
+    "qwen_image": ("qwen.adapter", "QwenImagePreview"),
+    "qwen_image_2512": ("qwen.adapter", "QwenImagePreview"),
+    "qwen_image_edit": ("qwen.adapter", "QwenImageEditPreview"),
+    "qwen_image_edit_plus": ("qwen.adapter", "QwenImageEditPlusPreview"),
+    "qwen_image_edit_plus_2511": ("qwen.adapter", "QwenImageEditPlusPreview"),
+    "flux2": ("flux2.adapter", "Flux2Preview"),
 }
 """Model id -> (module under previewd.pipelines, adapter class)."""
 assert set(_ADAPTERS) == set(MODELS)

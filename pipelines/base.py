@@ -1,9 +1,16 @@
-"""The interface every model adapter implements. Adapters know nothing of queues or outboxes."""
+"""The interface every model adapter implements, and the small pieces their renders share.
+
+Adapters know nothing of queues or outboxes. Torch-free: `previewd.pipelines` imports this module.
+"""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterable
 from typing import Callable, Protocol
 
+from previewd.catalog import validate_spec
+from previewd.errors import PipelineError
 from previewd.spec import ModelSource, RenderResult, RenderSpec
 
 StepCallback = Callable[[int, int], None]
@@ -27,3 +34,34 @@ class PreviewPipeline(Protocol):
 
     def unload(self) -> None:
         """Release the model and its device memory."""
+
+
+def check_spec(spec: RenderSpec, model_id: str, problems: Iterable[str] = ()) -> None:
+    """Refuse what the adapter for `model_id` cannot render, before anything loads.
+
+    Raises PipelineError naming the catalogue's problems with `spec`, a model mismatch and the
+    adapter's own `problems`.
+    """
+    found = validate_spec(spec)
+    if spec.model != model_id:
+        found.append(f"model: this adapter renders {model_id}, not {spec.model}")
+    found += problems
+    if found:
+        raise PipelineError(f"cannot render {spec.model}: " + "; ".join(found))
+
+
+class Stopwatch:
+    """Seconds per stage of one render, for `RenderResult.timings`."""
+
+    def __init__(self) -> None:
+        self._started = self._last = time.perf_counter()
+        self._laps: dict[str, float] = {}
+
+    def lap(self, stage: str) -> None:
+        """Record the time since the previous lap (or the start) as `stage`."""
+        now = time.perf_counter()
+        self._laps[stage] = now - self._last
+        self._last = now
+
+    def timings(self) -> dict[str, float]:
+        return {**self._laps, "total": time.perf_counter() - self._started}

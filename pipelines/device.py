@@ -1,12 +1,14 @@
-"""Device and dtype choice, and freeing device memory between models."""
+"""Device and dtype choice, device-memory errors, and freeing device memory between models."""
 
 from __future__ import annotations
 
 import gc
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
-from previewd.errors import ConfigError
+from previewd.errors import ConfigError, PipelineOutOfMemory
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -43,3 +45,18 @@ def free_bytes(device: str) -> int | None:
         return None
     free, _total = torch.cuda.mem_get_info(torch.device(device))
     return int(free)
+
+
+@contextmanager
+def raise_oom_as(model_id: str, device: str) -> Iterator[None]:
+    """Turn torch running out of device memory into PipelineOutOfMemory, which the caller retries.
+
+    Only the message of torch's error survives: its traceback holds the frames, and through them the
+    activations, of the failed call, which must not outlive it while the caller frees memory.
+    """
+    try:
+        yield
+    except torch.OutOfMemoryError as exc:
+        # `from None` hides it, but Python still links it as __context__: drop its frames as well.
+        exc.__traceback__ = None
+        raise PipelineOutOfMemory(f"{model_id}: out of memory on {device}: {exc}") from None

@@ -17,25 +17,36 @@ PROMPT = "a photo of a red fox sitting in fresh snow, golden hour"
 
 
 @pytest.fixture(scope="session")
-def tiny_flux2(tmp_path_factory) -> Path:
-    from previewd.pipelines import tiny_flux2
+def flux2_loras(tmp_path_factory) -> Path:
+    """Two checkpoints for the tiny FLUX.2 in ai-toolkit's format: lora_a (step 250), lora_b (500)."""
+    from previewd.pipelines.tiny.flux2 import write_bfl_lora
 
-    folder = tmp_path_factory.mktemp("tiny_flux2")
-    tiny_flux2.build("flux2", folder / "model")
-    tiny_flux2.write_bfl_lora(folder / "lora_a.safetensors", seed=1, step=250)
-    tiny_flux2.write_bfl_lora(folder / "lora_b.safetensors", seed=2, step=500)
+    folder = tmp_path_factory.mktemp("flux2_loras")
+    write_bfl_lora(folder / "lora_a.safetensors", seed=1, step=250)
+    write_bfl_lora(folder / "lora_b.safetensors", seed=2, step=500)
     return folder
 
 
 @pytest.fixture(scope="module")
-def tiny_pipe(tiny_flux2):
+def tiny_pipe(tiny_model):
     from previewd.pipelines import create
 
     torch.set_num_threads(2)
-    pipe = create("flux2", ModelSource(path=str(tiny_flux2 / "model")), device="cpu", dtype="float32")
+    pipe = create("flux2", ModelSource(path=str(tiny_model("flux2"))), device="cpu", dtype="float32")
     pipe.load()
     yield pipe
     pipe.unload()
+
+
+@pytest.fixture(scope="module")
+def tiny_transformer():
+    """The tiny FLUX.2 transformer, built in memory: enough for LoRA mapping and merging."""
+    from diffusers import Flux2Transformer2DModel
+
+    from previewd.pipelines.tiny.flux2 import TRANSFORMER
+
+    torch.manual_seed(0)
+    return Flux2Transformer2DModel(**TRANSFORMER).eval().requires_grad_(False)
 
 
 def spec(**changes) -> RenderSpec:

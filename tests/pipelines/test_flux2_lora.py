@@ -6,17 +6,17 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from flux2_helpers import tiny_flux2, tiny_pipe  # noqa: F401  (fixtures)
+from flux2_helpers import flux2_loras, tiny_pipe, tiny_transformer  # noqa: F401  (fixtures)
 from previewd.errors import LoraError
-from previewd.pipelines import flux2_lora
+from previewd.pipelines.flux2 import lora as flux2_lora
 
 
-def weights(pipe) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in pipe.transformer.named_parameters()}
+def weights(transformer) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in transformer.named_parameters()}
 
 
-def test_bfl_names_map_to_diffusers_weights(tiny_pipe):
-    names = set(dict(tiny_pipe.transformer.named_parameters()))
+def test_bfl_names_map_to_diffusers_weights(tiny_transformer):
+    names = set(dict(tiny_transformer.named_parameters()))
     target = flux2_lora.resolve_target("double_blocks.0.txt_attn.qkv", names)
     assert target.params == ("transformer_blocks.0.attn.add_q_proj.weight", "transformer_blocks.0.attn.add_k_proj.weight",
                              "transformer_blocks.0.attn.add_v_proj.weight")
@@ -28,34 +28,35 @@ def test_bfl_names_map_to_diffusers_weights(tiny_pipe):
     assert flux2_lora.resolve_target("double_blocks.7.img_attn.qkv", names) is None
 
 
-def test_merge_is_ai_toolkits_fp32_formula_on_the_fused_qkv(tiny_pipe, tiny_flux2):
-    base = weights(tiny_pipe)
-    modules = flux2_lora.read_lora(str(tiny_flux2 / "lora_a.safetensors"))
-    merger = flux2_lora.LoraMerger(tiny_pipe.transformer)
+def test_merge_is_ai_toolkits_fp32_formula_on_the_fused_qkv(tiny_transformer, flux2_loras):
+    base = weights(tiny_transformer)
+    modules = flux2_lora.read_lora(str(flux2_loras / "lora_a.safetensors"))
+    merger = flux2_lora.LoraMerger(tiny_transformer)
     merger.apply(modules, 0.75, ("a", 0.75))
     try:
         lora = modules["double_blocks.0.img_attn.qkv"]
         fused = torch.cat([base[f"transformer_blocks.0.attn.to_{x}.weight"] for x in "qkv"])
         expected = (fused.float() + 0.75 * (lora.up.float() @ lora.down.float()) * 1.0).to(fused.dtype)
-        merged = torch.cat([tiny_pipe.transformer.get_parameter(f"transformer_blocks.0.attn.to_{x}.weight")
+        merged = torch.cat([tiny_transformer.get_parameter(f"transformer_blocks.0.attn.to_{x}.weight")
                             for x in "qkv"])
         assert torch.equal(merged, expected)
     finally:
         merger.restore()
-    assert all(torch.equal(p, base[n]) for n, p in tiny_pipe.transformer.named_parameters())
+    assert all(torch.equal(p, base[n]) for n, p in tiny_transformer.named_parameters())
 
 
-def test_switching_back_and_forth_restores_base_bit_identically(tiny_pipe, tiny_flux2):
+@pytest.mark.slow
+def test_switching_back_and_forth_restores_base_bit_identically(tiny_pipe, flux2_loras):
     from flux2_helpers import spec
 
     from previewd.spec import LoraSpec
 
-    base = weights(tiny_pipe)
+    base = weights(tiny_pipe.transformer)
     touched = set()
     for name, multiplier in [("lora_a", 1.0), ("lora_b", 1.0), ("lora_a", 0.5), ("lora_a", 1.0), ("lora_b", 0.3)]:
-        tiny_pipe.set_lora(spec(lora=LoraSpec(path=str(tiny_flux2 / f"{name}.safetensors"),
+        tiny_pipe.set_lora(spec(lora=LoraSpec(path=str(flux2_loras / f"{name}.safetensors"),
                                               network_multiplier=multiplier)))
-        now = weights(tiny_pipe)
+        now = weights(tiny_pipe.transformer)
         touched |= {n for n in base if not torch.equal(now[n], base[n])}
     assert touched
     tiny_pipe.set_lora(spec())
@@ -65,7 +66,7 @@ def test_switching_back_and_forth_restores_base_bit_identically(tiny_pipe, tiny_
     assert touched <= kept and len(kept) < len(base)
 
 
-def test_unmatched_keys_and_other_lora_types_are_refused(tiny_pipe, tmp_path):
+def test_unmatched_keys_and_other_lora_types_are_refused(tiny_transformer, tmp_path):
     def write(tensors):
         path = tmp_path / f"l{len(list(tmp_path.iterdir()))}.safetensors"
         save_file(tensors, str(path))
@@ -75,11 +76,11 @@ def test_unmatched_keys_and_other_lora_types_are_refused(tiny_pipe, tmp_path):
     wrong = write({"diffusion_model.double_blocks.3.img_attn.qkv.lora_A.weight": a,
                    "diffusion_model.double_blocks.3.img_attn.qkv.lora_B.weight": b})
     with pytest.raises(LoraError, match="match no FLUX.2"):
-        flux2_lora.plan_merge(flux2_lora.read_lora(wrong), tiny_pipe.transformer)
+        flux2_lora.plan_merge(flux2_lora.read_lora(wrong), tiny_transformer)
     misshaped = write({"diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight": a,
                        "diffusion_model.double_blocks.0.img_attn.qkv.lora_B.weight": torch.zeros(32, 4)})
     with pytest.raises(LoraError, match="shape"):
-        flux2_lora.plan_merge(flux2_lora.read_lora(misshaped), tiny_pipe.transformer)
+        flux2_lora.plan_merge(flux2_lora.read_lora(misshaped), tiny_transformer)
     lokr = write({"diffusion_model.double_blocks.0.img_attn.qkv.lokr_w1": torch.zeros(2, 2),
                   "diffusion_model.double_blocks.0.img_attn.qkv.lokr_w2": torch.zeros(48, 16)})
     with pytest.raises(LoraError, match="LoKr"):
@@ -92,17 +93,17 @@ def test_unmatched_keys_and_other_lora_types_are_refused(tiny_pipe, tmp_path):
         flux2_lora.read_lora(str(tmp_path / "missing.safetensors"))
 
 
-def test_kohya_alpha_scales_the_delta(tiny_pipe, tmp_path):
+def test_kohya_alpha_scales_the_delta(tiny_transformer, tmp_path):
     a, b = torch.randn(4, 128), torch.randn(32, 4)
     path = tmp_path / "kohya.safetensors"
     save_file({"diffusion_model.img_in.lora_down.weight": a, "diffusion_model.img_in.lora_up.weight": b,
                "diffusion_model.img_in.alpha": torch.tensor(2.0)}, str(path))
     modules = flux2_lora.read_lora(str(path))
     assert modules["img_in"].scale == 0.5
-    base = tiny_pipe.transformer.x_embedder.weight.detach().clone()
-    merger = flux2_lora.LoraMerger(tiny_pipe.transformer)
+    base = tiny_transformer.x_embedder.weight.detach().clone()
+    merger = flux2_lora.LoraMerger(tiny_transformer)
     merger.apply(modules, 1.0, ("k",))
     try:
-        assert torch.equal(tiny_pipe.transformer.x_embedder.weight, base + (1.0 * (b @ a)) * 0.5)
+        assert torch.equal(tiny_transformer.x_embedder.weight, base + (1.0 * (b @ a)) * 0.5)
     finally:
         merger.restore()

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from flux2_helpers import pixels, spec, tiny_flux2, tiny_pipe  # noqa: F401  (fixtures)
+from flux2_helpers import flux2_loras, pixels, spec, tiny_pipe  # noqa: F401  (fixtures)
 from previewd.errors import RenderInterrupted
 from previewd.pipelines import create
 from previewd.spec import ControlImage, LoraSpec, ModelSource
@@ -25,15 +26,24 @@ def test_deterministic_and_seed_sensitive(tiny_pipe):
     assert np.abs(pixels(first) - pixels(tiny_pipe.render(spec(seed=7)))).max() > 20
 
 
-def test_lora_changes_pixels_and_multiplier_zero_is_base(tiny_pipe, tiny_flux2):
+def test_lora_changes_pixels_and_multiplier_zero_is_base(tiny_pipe, flux2_loras):
     base = pixels(tiny_pipe.render(spec()))
-    with_lora = tiny_pipe.render(spec(lora=lora(tiny_flux2)))
+    with_lora = tiny_pipe.render(spec(lora=lora(flux2_loras)))
     assert np.abs(pixels(with_lora) - base).max() > 20
     assert with_lora.record["network_multiplier"] == 1.0
-    assert np.array_equal(pixels(tiny_pipe.render(spec(lora=lora(tiny_flux2, multiplier=0.0)))), base)
-    other = pixels(tiny_pipe.render(spec(lora=lora(tiny_flux2, "lora_b"))))
+    assert np.array_equal(pixels(tiny_pipe.render(spec(lora=lora(flux2_loras, multiplier=0.0)))), base)
+    other = pixels(tiny_pipe.render(spec(lora=lora(flux2_loras, "lora_b"))))
     assert np.abs(other - pixels(with_lora)).max() > 20
     assert np.array_equal(pixels(tiny_pipe.render(spec())), base)
+
+
+def test_prompt_embeddings_equal_diffusers(tiny_pipe):
+    from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline
+
+    prompt = "a [IMG] red fox"
+    expected = Flux2Pipeline._get_mistral_3_small_prompt_embeds(tiny_pipe.text_encoder, tiny_pipe.processor, prompt,
+                                                                dtype=tiny_pipe.dtype, device=tiny_pipe.device)
+    assert torch.equal(tiny_pipe.encode_prompt(prompt), expected)
 
 
 def test_record_size_seed_and_unused_negative(tiny_pipe):
@@ -67,8 +77,8 @@ def test_reference_image_conditions_the_render(tiny_pipe, tmp_path):
     assert np.abs(pixels(result) - base).max() > 0
 
 
-def test_separate_text_encoder_source_and_qfloat8(tiny_flux2):
-    model = str(tiny_flux2 / "model")
+def test_separate_text_encoder_source_and_qfloat8(tiny_model):
+    model = str(tiny_model("flux2"))
     plain = create("flux2", ModelSource(path=model), device="cpu", dtype="float32")
     split = create("flux2", ModelSource(path=model, text_encoder=model), device="cpu", dtype="float32")
     assert np.array_equal(pixels(plain.render(spec())), pixels(split.render(spec())))
@@ -83,7 +93,7 @@ def test_separate_text_encoder_source_and_qfloat8(tiny_flux2):
 
 def test_sources_never_download(tmp_path):
     from previewd.errors import ConfigError
-    from previewd.pipelines.sources import resolve_source
+    from previewd.pipelines.model_sources import resolve_source
 
     assert resolve_source(str(tmp_path)) == tmp_path
     with pytest.raises(ConfigError, match="never downloads"):

@@ -10,8 +10,9 @@ from PIL import Image
 
 from flux2_helpers import GOLDENS
 from previewd.errors import ControlImageError, RenderInterrupted
-from previewd.pipelines import flux2_sampler as sampler
-from previewd.pipelines import flux2_text, flux2_vae
+from previewd.pipelines.flux2 import sampler
+from previewd.pipelines.flux2 import text as flux2_text
+from previewd.pipelines.flux2 import vae as flux2_vae
 
 SCHEDULES = GOLDENS / "schedules.json"
 
@@ -65,6 +66,23 @@ def test_patchify_round_trip_and_channel_order():
     assert torch.equal(flux2_vae.patchify(flux2_vae.unpatchify(z)), z)
     # channel c*4 + pi*2 + pj lands at pixel (2i + pi, 2j + pj) of channel c
     assert flux2_vae.unpatchify(z)[0, 1, 2 * 2 + 1, 2 * 3 + 0] == z[0, 1 * 4 + 1 * 2 + 0, 2, 3]
+
+
+def test_helpers_equal_the_diffusers_functions_they_follow():
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+    from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline, format_input
+
+    latents = torch.randn(1, 128, 3, 5)
+    tokens, ids = sampler.pack(latents), sampler.image_ids(3, 5)
+    assert torch.equal(tokens, Flux2Pipeline._pack_latents(latents))
+    assert torch.equal(ids, Flux2Pipeline._prepare_latent_ids(latents)[0])
+    assert torch.equal(sampler.unpack(tokens, 3, 5), Flux2Pipeline._unpack_latents_with_ids(tokens, ids[None]))
+    assert torch.equal(sampler.text_ids(7), Flux2Pipeline._prepare_text_ids(torch.zeros(1, 7, 2))[0])
+    z = torch.randn(1, 8, 6, 4)
+    assert torch.equal(flux2_vae.patchify(z), Flux2Pipeline._patchify_latents(z))
+    assert torch.equal(flux2_vae.unpatchify(z), Flux2Pipeline._unpatchify_latents(z))
+    assert all(sampler.schedule_mu(n) == calculate_shift(n, 256, 4096, 0.5, 1.15) for n in (1, 256, 1234, 4096, 9000))
+    assert flux2_text.chat_messages("a [IMG] cat") == format_input(["a [IMG] cat"], flux2_text.SYSTEM_MESSAGE)[0]
 
 
 def test_denoise_is_euler_with_progress_and_stop():

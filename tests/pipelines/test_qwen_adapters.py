@@ -1,4 +1,4 @@
-"""The four Qwen adapters on tiny random models (previewd.pipelines.tiny_qwen), both profiles.
+"""The four Qwen adapters on tiny random models (previewd.pipelines.tiny.qwen), both profiles.
 
 The edit models condition on ~1 MP images, which dominates CPU time at test sizes; these tests
 shrink those areas to 128^2 (tiny-models-cpu.md §5). The golden tests run them unpatched.
@@ -13,7 +13,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from previewd.errors import LoraError, NonFiniteOutput, PipelineError, RenderInterrupted
-from previewd.pipelines import create, qwen_encode, tiny_qwen
+from previewd.pipelines import create
+from previewd.pipelines.qwen import encode as qwen_encode
 from previewd.spec import AitkOptions, ControlImage, LoraSpec, ModelSource, RenderSpec
 
 from qwen_helpers import pixels
@@ -49,16 +50,14 @@ def workdir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def adapters(workdir):
+def adapters(tiny_model):
     torch.set_num_threads(2)
     made = {}
 
     def get(model_id):
         if model_id not in made:
-            folder = workdir / "models" / model_id
-            if not folder.exists():
-                tiny_qwen.build(model_id, folder)
-            made[model_id] = create(model_id, ModelSource(path=str(folder)), device="cpu", dtype="float32")
+            made[model_id] = create(model_id, ModelSource(path=str(tiny_model(model_id))), device="cpu",
+                                    dtype="float32")
         return made[model_id]
 
     yield get
@@ -71,7 +70,7 @@ def _lora_file(adapter, path, seed, rank=4, scale=0.6, fmt="aitk"):
     adapter.load()
     g = torch.Generator().manual_seed(seed)
     sd = {}
-    for name in sorted(adapter._module_names):
+    for name in sorted(adapter.lora.module_names):
         if not name.startswith("transformer_blocks."):
             continue
         module = adapter.pipe.transformer.get_submodule(name)
@@ -155,10 +154,10 @@ def test_switching_checkpoints_and_scales_equals_fresh_loads_without_reloading(a
     two = _lora_file(adapter, tmp_path / "a_000000500.safetensors", seed=2)
     adapter.render(_spec(model_id, workdir))  # no LoRA loaded: fresh state for the references
     fresh_two = pixels(adapter.render(_spec(model_id, workdir, lora=LoraSpec(path=two))).image)
-    adapter.apply_lora(None)
+    adapter.lora.apply(None)
     half = LoraSpec(path=one, network_multiplier=0.5)
     fresh_one_half = pixels(adapter.render(_spec(model_id, workdir, lora=half)).image)
-    adapter.apply_lora(None)
+    adapter.lora.apply(None)
 
     pipe, transformer = adapter.pipe, adapter.pipe.transformer
     adapter.render(_spec(model_id, workdir, lora=LoraSpec(path=one)))
@@ -222,7 +221,7 @@ def test_control_latents_are_encoded_once_and_reused_exactly(adapters, workdir, 
         assert encodes >= 1
         lora = _lora_file(adapter, tmp_path / "v.safetensors", seed=4)
         adapter.render(spec.model_copy(update={"lora": LoraSpec(path=lora)}))
-        adapter.apply_lora(None)
+        adapter.lora.apply(None)
         again = adapter.render(spec)
         assert len(calls) == encodes
         assert again.image.tobytes() == first.image.tobytes()
@@ -296,8 +295,10 @@ def test_edit_plus_legacy_ctrl_img_is_encoded_twice_in_aitk_only(adapters, workd
     assert np.abs(pixels(aitk.image) - pixels(single.image)).max() > 5
 
 
-def test_aitk_loop_with_renorm_equals_the_stock_pipeline(adapters, workdir):
+def test_aitk_loop_with_renorm_and_the_decode_equal_the_stock_pipeline(adapters, workdir):
     from diffusers import QwenImageEditPlusPipeline
+
+    from previewd.pipelines.qwen.decode import decode_latents
 
     adapter = adapters("qwen_image_edit_plus")
     adapter.load()
@@ -307,9 +308,11 @@ def test_aitk_loop_with_renorm_equals_the_stock_pipeline(adapters, workdir):
         embeds[name], embeds[f"{name}_mask"] = adapter.pipe.encode_prompt(text, image=images)
     kw = dict(height=64, width=64, num_inference_steps=2, true_cfg_scale=4.0)
     ours = adapter.pipe.sample(images, **embeds, **kw, generator=torch.Generator().manual_seed(1), cfg_norm=True)
-    stock = QwenImageEditPlusPipeline.__call__(adapter.pipe, image=images, **embeds, **kw, output_type="np",
-                                               generator=torch.Generator().manual_seed(1)).images
-    assert np.array_equal(ours, stock)
+    stock = {output: QwenImageEditPlusPipeline.__call__(adapter.pipe, image=images, **embeds, **kw, output_type=output,
+                                                        generator=torch.Generator().manual_seed(1)).images
+             for output in ("latent", "np")}
+    assert torch.equal(ours, stock["latent"])
+    assert np.array_equal(decode_latents(adapter.pipe, ours, 64, 64), stock["np"])
 
 
 # -- refusals, progress, interruption, non-finite output -------------------------------------------

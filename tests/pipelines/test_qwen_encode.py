@@ -1,4 +1,4 @@
-"""Control-image routing and preprocessing per profile (previewd.pipelines.qwen_encode); no models."""
+"""Control-image routing and preprocessing per profile (previewd.pipelines.qwen.encode); no models."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from previewd.errors import ControlImageError
-from previewd.pipelines.qwen_encode import (
+from previewd.pipelines.qwen.encode import (
     edit_vae_image,
     open_control,
     plan_controls,

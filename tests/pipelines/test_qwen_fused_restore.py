@@ -10,20 +10,19 @@ import numpy as np
 import pytest
 import torch
 
-from previewd.pipelines.qwen_image import QwenImagePreview
+from previewd.pipelines.qwen.adapter import QwenImagePreview
 from previewd.spec import LoraSpec, ModelSource, RenderSpec
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> tuple[Path, list[LoraSpec]]:
-    from previewd.pipelines import tiny_qwen
-    from previewd.pipelines.tiny_models import write_random_lora
+def tiny(tiny_model, tmp_path_factory) -> tuple[Path, list[LoraSpec]]:
+    from previewd.pipelines.tiny.qwen import write_random_lora
 
-    folder = tmp_path_factory.mktemp("q") / "qwen_image_2512"
-    tiny_qwen.build("qwen_image_2512", folder)
-    loras = [LoraSpec(path=str(write_random_lora(folder, folder.parent / f"l{seed}.safetensors", seed=seed)),
+    folder = tiny_model("qwen_image_2512")
+    loras_dir = tmp_path_factory.mktemp("loras")
+    loras = [LoraSpec(path=str(write_random_lora(folder, loras_dir / f"l{seed}.safetensors", seed=seed)),
                       sha256=f"l{seed}") for seed in (1, 2)]
     return folder, loras
 
@@ -36,8 +35,8 @@ def _base(pipeline: QwenImagePreview) -> dict[str, torch.Tensor]:
 def _cycle(pipeline: QwenImagePreview, loras: list[LoraSpec]) -> None:
     for _ in range(5):
         for lora, multiplier in ((loras[0], 1.0), (loras[1], 1.0), (loras[1], 0.5)):
-            pipeline.apply_lora(lora.model_copy(update={"network_multiplier": multiplier}))
-    pipeline.apply_lora(None)
+            pipeline.lora.apply(lora.model_copy(update={"network_multiplier": multiplier}))
+    pipeline.lora.apply(None)
 
 
 def _max_drift(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> float:
@@ -63,7 +62,7 @@ def test_without_the_restore_bf16_unfusing_drifts(tiny):
     folder, loras = tiny
     pipeline = QwenImagePreview("qwen_image_2512", ModelSource(path=str(folder)), device="cpu", dtype="bfloat16")
     pipeline.load()
-    pipeline._base_weights = None
+    pipeline.lora._base_weights = None
     before = _base(pipeline)
     _cycle(pipeline, loras)
     assert _max_drift(before, _base(pipeline)) > 0.0
@@ -82,7 +81,7 @@ def test_aitk_unmerged_runs_use_a_runtime_branch_and_modes_switch_cleanly(tiny):
     again = pipeline.render(merged)
     assert first.record["lora"]["mode"] == "fuse" and branch.record["lora"]["mode"] == "adapter"
     assert np.array_equal(np.asarray(first.image), np.asarray(again.image))
-    pipeline.apply_lora(None)
+    pipeline.lora.apply(None)
     fresh = QwenImagePreview("qwen_image_2512", ModelSource(path=str(folder)), device="cpu", dtype="bfloat16")
     fresh.load()
     assert _max_drift(_base(fresh), _base(pipeline)) == 0.0

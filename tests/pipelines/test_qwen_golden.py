@@ -16,7 +16,7 @@ import torch
 
 from previewd.errors import NonFiniteOutput
 from previewd.pipelines import create
-from previewd.pipelines.qwen_image import AITK_SCHEDULER
+from previewd.pipelines.qwen.adapter import AITK_SCHEDULER
 from qwen_helpers import GOLDENS, expected_png, golden_cases, golden_model, max_level_diff, specs_for_case
 
 pytestmark = [pytest.mark.golden, pytest.mark.slow]

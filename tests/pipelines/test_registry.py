@@ -4,8 +4,6 @@ This is the path the daemon takes: `pipelines.create(id, ModelSource(folder))`, 
 `render`, with the folder laid out like a real diffusers checkpoint.
 """
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 from PIL import Image
@@ -13,17 +11,6 @@ from PIL import Image
 from previewd import pipelines
 from previewd.catalog import MODELS
 from previewd.spec import MODEL_IDS, ControlImage, ModelSource, RenderSpec
-
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    from previewd.pipelines.tiny_models import build_all
-
-    folder = tmp_path_factory.mktemp("tiny")
-    build_all(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +21,9 @@ def control(tmp_path_factory) -> ControlImage:
     return ControlImage(slot="ctrl_img_1", path=str(path))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_id", MODEL_IDS)
-def test_every_model_id_renders_from_its_tiny_folder(model_id, tiny_dir, control):
+def test_every_model_id_renders_from_its_tiny_folder(model_id, tiny_model, control):
     info = MODELS[model_id]
     controls = ()
     if info.control == "single":
@@ -44,7 +32,7 @@ def test_every_model_id_renders_from_its_tiny_folder(model_id, tiny_dir, control
         controls = (control,)
     spec = RenderSpec(model=model_id, prompt="a red fox", width=100, height=72, sample_steps=2, seed=3,
                       control_images=controls)
-    pipeline = pipelines.create(model_id, ModelSource(path=str(tiny_dir / model_id)), device="cpu", dtype="float32")
+    pipeline = pipelines.create(model_id, ModelSource(path=str(tiny_model(model_id))), device="cpu", dtype="float32")
     pipeline.load()
     try:
         first = pipeline.render(spec)
@@ -64,3 +52,9 @@ def test_unknown_model_id_is_a_config_error():
 
     with pytest.raises(ConfigError, match="unknown model id"):
         pipelines.create("sdxl", ModelSource(path="x"))
+
+
+@pytest.mark.parametrize("model_id", MODEL_IDS)
+def test_every_model_id_has_an_adapter_that_takes_it(model_id):
+    adapter = pipelines.create(model_id, ModelSource(path="never-loaded"), device="cpu", dtype="float32")
+    assert type(adapter) is pipelines.adapter_class(model_id) and adapter.model_id == model_id

@@ -31,7 +31,7 @@ def test_module_does_not_import(module):
 
 
 def test_pipelines_never_import_the_queue():
-    code = ("import sys, previewd.pipelines.qwen_image, previewd.pipelines.flux2; "
+    code = ("import sys, previewd.pipelines.qwen.adapter, previewd.pipelines.flux2.adapter; "
             "print(' '.join(m for m in ('previewd.queue', 'sqlalchemy', 'watchdog', 'previewd.outbox') "
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()

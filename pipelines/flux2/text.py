@@ -6,8 +6,6 @@ axis; no attention mask reaches the transformer (flux2-sampler.md §1.4).
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import torch
 
 SYSTEM_MESSAGE = (
@@ -19,6 +17,7 @@ MAX_LENGTH = 512
 
 
 def chat_messages(prompt: str) -> list[dict]:
+    # Follows diffusers pipelines/flux2/pipeline_flux2.py::format_input (one prompt, no images)
     # Pixtral's processor counts [IMG] tokens and fails when truncation changes the count.
     text = prompt.replace("[IMG]", "")
     return [
@@ -31,6 +30,7 @@ def chat_messages(prompt: str) -> list[dict]:
 def encode_prompt(text_encoder, processor, prompt: str, *, device: torch.device | str,
                   dtype: torch.dtype) -> torch.Tensor:
     """(1, 512, 3 * hidden) prompt embeddings in `dtype` on `device`."""
+    # Follows diffusers pipelines/flux2/pipeline_flux2.py::Flux2Pipeline._get_mistral_3_small_prompt_embeds
     inputs = processor.apply_chat_template(
         [chat_messages(prompt)], add_generation_prompt=False, tokenize=True, return_dict=True,
         return_tensors="pt", padding="max_length", truncation=True, max_length=MAX_LENGTH,
@@ -43,26 +43,3 @@ def encode_prompt(text_encoder, processor, prompt: str, *, device: torch.device 
     batch, layers, length, hidden = stacked.shape
     embeds = stacked.permute(0, 2, 1, 3).reshape(batch, length, layers * hidden)
     return embeds.to(device=device, dtype=dtype)
-
-
-class PromptCache:
-    """Most recently used prompt embeddings; valid across LoRA switches (LoRAs touch only the DiT)."""
-
-    def __init__(self, capacity: int = 32):
-        self.capacity = capacity
-        self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
-
-    def get(self, prompt: str) -> torch.Tensor | None:
-        embeds = self._items.get(prompt)
-        if embeds is not None:
-            self._items.move_to_end(prompt)
-        return embeds
-
-    def put(self, prompt: str, embeds: torch.Tensor) -> None:
-        self._items[prompt] = embeds
-        self._items.move_to_end(prompt)
-        while len(self._items) > self.capacity:
-            self._items.popitem(last=False)
-
-    def clear(self) -> None:
-        self._items.clear()

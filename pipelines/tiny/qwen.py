@@ -8,6 +8,7 @@ with a vision tower, and an offline byte-level tokenizer (+ Qwen2VLProcessor for
 Weights are seeded, so a build is deterministic. At default init the prompt, CFG and control
 images move pixels by less than one 8-bit level, which would hide real differences; like the
 goldens' models, a few layers are scaled up ("sensitization") so conditioning visibly matters.
+`write_random_lora` writes checkpoints for such a folder in ai-toolkit's file format.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 SEEDS = {"qwen_image": 2512, "qwen_image_2512": 2512, "qwen_image_edit": 1001,
          "qwen_image_edit_plus": 2509, "qwen_image_edit_plus_2511": 2511}
@@ -128,5 +131,37 @@ def build(model_id: str, out_dir: Path) -> None:
         pipe = cls(processor=processor, **parts)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     (out_dir / "TINY_BUILD.json").write_text(json.dumps(
-        {"builder": "previewd.pipelines.tiny_qwen.build", "model_id": model_id, "seed": seed,
+        {"builder": "previewd.pipelines.tiny.qwen.build", "model_id": model_id, "seed": seed,
          "note": "random weights, sensitized; for tests only"}, indent=2) + "\n")
+
+
+def write_random_lora(model_dir: Path, path: Path, *, seed: int, step: int | None = None, rank: int = 4,
+                      scale: float = 0.8) -> Path:
+    """A LoRA over every Linear in the Qwen transformer blocks, in ai-toolkit's saved format.
+
+    Keys are `diffusion_model.<module>.lora_A/lora_B.weight` with no alpha, bf16, and a
+    `training_info` header like ai-toolkit writes. lora_B is non-zero (ai-toolkit initialises
+    it to zero, which would render the base image) so each checkpoint visibly changes pixels.
+    """
+    weights = model_dir / "transformer" / "diffusion_pytorch_model.safetensors"
+    generator = torch.Generator("cpu").manual_seed(seed)
+    tensors = {}
+    with safe_open(str(weights), framework="pt") as handle:
+        for key in sorted(handle.keys()):
+            if not key.startswith("transformer_blocks.") or not key.endswith(".weight"):
+                continue
+            shape = handle.get_slice(key).get_shape()
+            if len(shape) != 2:
+                continue
+            module = key[: -len(".weight")]
+            out_features, in_features = shape
+            tensors[f"diffusion_model.{module}.lora_A.weight"] = (
+                torch.randn(rank, in_features, generator=generator) / in_features**0.5).to(torch.bfloat16)
+            tensors[f"diffusion_model.{module}.lora_B.weight"] = (
+                torch.randn(out_features, rank, generator=generator) * scale / rank**0.5).to(torch.bfloat16)
+    metadata = {"format": "pt", "software": json.dumps({"name": "previewd tiny-models"})}
+    if step is not None:
+        metadata["training_info"] = json.dumps({"step": step, "epoch": 0})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=metadata)
+    return path

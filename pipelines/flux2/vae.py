@@ -22,6 +22,7 @@ REF_T_STEP = 10
 
 def unpatchify(z: torch.Tensor) -> torch.Tensor:
     """(B, C*4, h, w) -> (B, C, 2h, 2w); channel order (c, pi, pj)."""
+    # Follows diffusers pipelines/flux2/pipeline_flux2.py::Flux2Pipeline._unpatchify_latents
     batch, channels, rows, cols = z.shape
     z = z.reshape(batch, channels // (PATCH * PATCH), PATCH, PATCH, rows, cols)
     return z.permute(0, 1, 4, 2, 5, 3).reshape(batch, channels // (PATCH * PATCH), rows * PATCH, cols * PATCH)
@@ -29,6 +30,7 @@ def unpatchify(z: torch.Tensor) -> torch.Tensor:
 
 def patchify(z: torch.Tensor) -> torch.Tensor:
     """(B, C, 2h, 2w) -> (B, C*4, h, w); the inverse of `unpatchify`."""
+    # Follows diffusers pipelines/flux2/pipeline_flux2.py::Flux2Pipeline._patchify_latents (reshape for view)
     batch, channels, height, width = z.shape
     z = z.reshape(batch, channels, height // PATCH, PATCH, width // PATCH, PATCH)
     return z.permute(0, 1, 3, 5, 2, 4).reshape(batch, channels * PATCH * PATCH, height // PATCH, width // PATCH)
@@ -41,6 +43,7 @@ def decode(vae, latents: torch.Tensor) -> np.ndarray:
     The batch-norm un-normalisation runs in the VAE's dtype, the decoder output is upcast to float32
     before post-processing (ai-toolkit's `.float()`), as in ai-toolkit's BFL AutoEncoder.
     """
+    # Follows diffusers pipelines/flux2/pipeline_flux2.py::Flux2Pipeline.__call__ (its decode), in those dtypes
     bn = vae.bn
     z = latents.to(vae.dtype)
     z = z * torch.sqrt(bn.running_var.view(1, -1, 1, 1) + bn.eps) + bn.running_mean.view(1, -1, 1, 1)
@@ -82,6 +85,7 @@ def encode_references(vae, images: list[Image.Image]) -> tuple[torch.Tensor, tor
 
     ai-toolkit returns the tokens as bfloat16 whatever the model dtype; the sampler then concatenates
     them with the latents, which promotes them back, so the bf16 rounding is part of the result.
+    The ids are those of diffusers' `Flux2Pipeline._prepare_image_ids` (t = 10, 20, ...).
     """
     tokens, ids = [], []
     for index, image in enumerate(images):

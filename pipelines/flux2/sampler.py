@@ -27,6 +27,8 @@ Predict = Callable[[torch.Tensor, float], torch.Tensor]
 
 
 def schedule_mu(image_seq_len: int) -> float:
+    """ai-toolkit's linear mu (diffusers' Flux2Pipeline uses `compute_empirical_mu` instead)."""
+    # Follows diffusers pipelines/flux/pipeline_flux.py::calculate_shift (256, 4096, 0.5, 1.15)
     (x1, y1), (x2, y2) = _MU_POINTS
     slope = (y2 - y1) / (x2 - x1)
     return slope * image_seq_len + (y1 - slope * x1)
@@ -60,23 +62,30 @@ def draw_noise(seed: int, rows: int, cols: int, dtype: torch.dtype) -> torch.Ten
 
 def image_ids(rows: int, cols: int, t: int = 0) -> torch.Tensor:
     """(rows*cols, 4) int64 (t, h, w, l) ids, h-major like the packed tokens."""
+    # Follows diffusers pipelines/flux2/pipeline_flux2.py::Flux2Pipeline._prepare_latent_ids (no batch axis)
     return torch.cartesian_prod(torch.tensor([t]), torch.arange(rows), torch.arange(cols), torch.tensor([0]))
 
 
 def text_ids(length: int) -> torch.Tensor:
     """(length, 4) int64 (0, 0, 0, l) ids."""
+    # Follows diffusers pipelines/flux2/pipeline_flux2.py::Flux2Pipeline._prepare_text_ids (no batch axis)
     zero = torch.tensor([0])
     return torch.cartesian_prod(zero, zero, zero, torch.arange(length))
 
 
 def pack(latents: torch.Tensor) -> torch.Tensor:
     """(B, C, h, w) -> (B, h*w, C) tokens."""
+    # Follows diffusers pipelines/flux2/pipeline_flux2.py::Flux2Pipeline._pack_latents
     batch, channels = latents.shape[:2]
     return latents.reshape(batch, channels, -1).permute(0, 2, 1)
 
 
 def unpack(tokens: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """(B, h*w, C) tokens -> (B, C, h, w); the inverse of `pack` for ids from `image_ids`."""
+    """(B, h*w, C) tokens -> (B, C, h, w); the inverse of `pack` for ids from `image_ids`.
+
+    What diffusers' `Flux2Pipeline._unpack_latents_with_ids` gives for those ids, as a reshape instead
+    of its scatter.
+    """
     batch, _, channels = tokens.shape
     return tokens.permute(0, 2, 1).reshape(batch, channels, rows, cols)
 

@@ -9,10 +9,11 @@ are cached by pixel content. The result is bitwise the one a fresh encode gives.
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
 
 import torch
 from diffusers import QwenImageEditPipeline
+
+from previewd.pipelines.lru import LruCache
 
 CACHE_SIZE = 8
 
@@ -20,10 +21,11 @@ CACHE_SIZE = 8
 class CachedVaeEncodeMixin:
     """Overrides the Qwen edit pipelines' `_encode_vae_image` with a content-keyed LRU cache."""
 
-    def _latent_cache(self) -> OrderedDict:
+    def _latent_cache(self) -> LruCache[tuple, torch.Tensor]:
+        # from_pretrained builds the pipeline without calling a constructor of ours.
         cache = getattr(self, "_previewd_latent_cache", None)
         if cache is None:
-            cache = OrderedDict()
+            cache = LruCache(CACHE_SIZE)
             self._previewd_latent_cache = cache
         return cache
 
@@ -31,15 +33,8 @@ class CachedVaeEncodeMixin:
         raw = image.detach().to("cpu").contiguous().view(torch.uint8)  # any dtype, bf16 included
         digest = hashlib.sha256(raw.numpy().tobytes()).hexdigest()
         key = (digest, tuple(image.shape), str(image.dtype), str(image.device), bool(self.vae.use_tiling))
-        cache = self._latent_cache()
-        if key in cache:
-            cache.move_to_end(key)
-            return cache[key]
-        latents = super()._encode_vae_image(image=image, generator=generator)
-        cache[key] = latents
-        while len(cache) > CACHE_SIZE:
-            cache.popitem(last=False)
-        return latents
+        encode = super()._encode_vae_image
+        return self._latent_cache().get_or_compute(key, lambda: encode(image=image, generator=generator))
 
     def clear_latent_cache(self) -> None:
         self._latent_cache().clear()

@@ -17,13 +17,13 @@ from diffusers import QwenImageEditPlusPipeline
 from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as stock
 from PIL import Image
 
-from previewd.pipelines.qwen_vae_cache import CachedVaeEncodeMixin
+from previewd.pipelines.qwen.vae_cache import CachedVaeEncodeMixin
 
 
 class QwenEditPlusCfgNormPipeline(CachedVaeEncodeMixin, QwenImageEditPlusPipeline):
     """Edit-plus pipeline whose `sample` takes pre-encoded prompts and a `cfg_norm` switch.
 
-    Control-image latents are cached across calls (qwen_vae_cache).
+    Control-image latents are cached across calls (vae_cache).
     """
 
     def _vae_condition(self, images: list[Image.Image]):
@@ -49,8 +49,9 @@ class QwenEditPlusCfgNormPipeline(CachedVaeEncodeMixin, QwenImageEditPlusPipelin
                prompt_embeds_mask: torch.Tensor | None, negative_prompt_embeds: torch.Tensor,
                negative_prompt_embeds_mask: torch.Tensor | None, height: int, width: int,
                num_inference_steps: int, true_cfg_scale: float, generator: torch.Generator,
-               cfg_norm: bool, callback_on_step_end: Callable | None = None) -> np.ndarray:
-        """Denoise and decode; returns float images (B, H, W, 3) in [0, 1] (NaN stays NaN)."""
+               cfg_norm: bool, callback_on_step_end: Callable | None = None) -> torch.Tensor:
+        """Denoise; returns the packed latents, as the parent does with `output_type="latent"`."""
+        # Follows diffusers pipelines/qwenimage/pipeline_qwenimage_edit_plus.py::QwenImageEditPlusPipeline.__call__
         multiple = self.vae_scale_factor * 2
         height, width = height // multiple * multiple, width // multiple * multiple
         device = self._execution_device
@@ -102,14 +103,5 @@ class QwenEditPlusCfgNormPipeline(CachedVaeEncodeMixin, QwenImageEditPlusPipelin
                 out = callback_on_step_end(self, i, t, {"latents": latents})
                 latents = out.pop("latents", latents)
         self._current_timestep = None
-
-        # 5. Decode.
-        latents = self._unpack_latents(latents, height, width, self.vae_scale_factor).to(self.vae.dtype)
-        z_dim = self.vae.config.z_dim
-        mean = torch.tensor(self.vae.config.latents_mean).view(1, z_dim, 1, 1, 1).to(latents.device, latents.dtype)
-        inv_std = 1.0 / torch.tensor(self.vae.config.latents_std).view(1, z_dim, 1, 1, 1).to(
-            latents.device, latents.dtype)
-        latents = latents / inv_std + mean
-        image = self.vae.decode(latents, return_dict=False)[0][:, :, 0]
         self.maybe_free_model_hooks()
-        return self.image_processor.postprocess(image, output_type="np")
+        return latents

@@ -1,0 +1,454 @@
+"""Qwen-Image adapters: text-to-image (Qwen-Image, 2512), Edit, and Edit-Plus (2509, 2511).
+
+Two parity profiles (aitk-sampling.md §C):
+- `aitk` reproduces ai-toolkit's training samples: its hard-coded scheduler, prompts encoded with
+  control tensors at (H, W), BILINEAR edit resize, edit-plus CFG renorm only with `do_cfg_norm`,
+  the `ctrl_img` double-encoding quirk, VAE tiling when the job had `low_vram`;
+- `reference` reproduces the reference server: the model folder's scheduler, its swapped (W, H)
+  text-encoder size, LANCZOS edit resize, stock diffusers edit-plus (always renormalised).
+Both floor sizes to 32, draw noise from a CPU generator seeded per image, and pass the guidance as
+`true_cfg_scale` with the negative prompt always encoded.
+
+The pipeline stays loaded; prompt embeddings are cached across checkpoints (the LoRA only touches
+the transformer); LoRAs are swapped in place (lora_state: hot-swap or unload+load, never a base
+reload).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import secrets
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from previewd.catalog import MODELS, snap
+from previewd.errors import LoraError, NonFiniteOutput, PipelineError, RenderInterrupted
+from previewd.pipelines import adapter_class
+from previewd.pipelines import device as devices
+from previewd.pipelines.base import StepCallback, StopCheck, Stopwatch, check_spec
+from previewd.pipelines.lru import LruCache
+from previewd.pipelines.qwen import encode as qwen_encode
+from previewd.pipelines.qwen.decode import decode_latents
+from previewd.pipelines.qwen.encode import (
+    ControlPlan,
+    edit_vae_image,
+    open_control,
+    plan_controls,
+    text_encoder_size,
+    text_encoder_tensor,
+)
+from previewd.pipelines.qwen.lora_state import LoraMode, QwenLoraState
+from previewd.spec import ModelSource, RenderResult, RenderSpec
+
+logger = logging.getLogger(__name__)
+
+AITK_SCHEDULER: dict[str, Any] = {
+    "base_image_seq_len": 256,
+    "base_shift": 0.5,
+    "invert_sigmas": False,
+    "max_image_seq_len": 8192,
+    "max_shift": 0.9,
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
+    "shift_terminal": 0.02,
+    "stochastic_sampling": False,
+    "time_shift_type": "exponential",
+    "use_beta_sigmas": False,
+    "use_dynamic_shifting": True,
+    "use_exponential_sigmas": False,
+    "use_karras_sigmas": False,
+}
+"""ai-toolkit's `qwen_image.scheduler_config`, used for every Qwen variant (§C.2)."""
+
+EMBED_CACHE_SIZE = 32
+
+Embeds = dict[str, torch.Tensor]
+"""`prompt_embeds`, `prompt_embeds_mask` and, with CFG, their `negative_` twins: pipeline kwargs."""
+
+
+@dataclass(frozen=True)
+class _Call:
+    """What one render asks of the pipeline, settled before anything loads."""
+
+    seed: int
+    width: int
+    height: int
+    controls: ControlPlan | None
+    vae_tiling: bool
+
+
+def _image_digest(img) -> tuple:
+    """Identifies a control image by its pixels, so renamed or re-saved files still hit the cache."""
+    return img.size, hashlib.sha256(img.tobytes()).hexdigest()
+
+
+class _QwenPreview:
+    """Shared machinery; subclasses say how prompts are encoded and how the pipeline is called."""
+
+    control_kind = "none"
+
+    def __init__(self, model_id: str, source: ModelSource, *, device: str, dtype: str) -> None:
+        if model_id not in MODELS or adapter_class(model_id) is not type(self):
+            raise PipelineError(f"{type(self).__name__} cannot render model id {model_id!r}")
+        self.model_id = model_id
+        self.info = MODELS[model_id]
+        self.source = source
+        self.device = device
+        self.dtype = dtype
+        self.pipe = None
+        self.lora: QwenLoraState | None = None
+        self._hub_scheduler_config: dict[str, Any] | None = None
+        self._embeds: LruCache[tuple, tuple[torch.Tensor, torch.Tensor]] = LruCache(EMBED_CACHE_SIZE)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def _pipeline_class(self):
+        raise NotImplementedError
+
+    def _text_encoder_overrides(self) -> dict[str, Any]:
+        """Text encoder (+ tokenizer/processor) from `source.text_encoder`, when set."""
+        te_path = self.source.text_encoder
+        if not te_path:
+            return {}
+        from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
+
+        kwargs = {"local_files_only": True}
+        parts = {
+            "text_encoder": Qwen2_5_VLForConditionalGeneration.from_pretrained(
+                te_path, subfolder="text_encoder", dtype=devices.torch_dtype(self.dtype), **kwargs),
+            "tokenizer": Qwen2Tokenizer.from_pretrained(te_path, subfolder="tokenizer", **kwargs),
+        }
+        if self.control_kind != "none":
+            parts["processor"] = AutoProcessor.from_pretrained(te_path, subfolder="processor", **kwargs)
+        return parts
+
+    def load(self) -> None:
+        if self.pipe is not None:
+            return
+        started = time.perf_counter()
+        with devices.raise_oom_as(self.model_id, self.device):
+            cls = self._pipeline_class()
+            pipe = cls.from_pretrained(self.source.path, dtype=devices.torch_dtype(self.dtype),
+                                       local_files_only=True, **self._text_encoder_overrides())
+            if self.source.quantize_text_encoder == "qfloat8":
+                from optimum.quanto import freeze, qfloat8, quantize
+
+                quantize(pipe.text_encoder, weights=qfloat8)
+                freeze(pipe.text_encoder)
+            if self.device != "cpu":
+                pipe.to(self.device)
+        pipe.set_progress_bar_config(disable=True)
+        self._hub_scheduler_config = dict(pipe.scheduler.config)
+        self.lora = QwenLoraState(pipe, model_id=self.model_id, source_path=self.source.path)
+        self.pipe = pipe
+        logger.info("loaded %s from %s in %.1f s", self.model_id, self.source.path,
+                    time.perf_counter() - started)
+
+    def unload(self) -> None:
+        self.pipe = None
+        self.lora = None
+        self._embeds.clear()
+        devices.free_memory(self.device)
+
+    # -- rendering -----------------------------------------------------------------------------
+
+    def render(self, spec: RenderSpec, *, on_step: StepCallback | None = None,
+               should_stop: StopCheck | None = None) -> RenderResult:
+        clock = Stopwatch()
+        # 1. Check inputs
+        self.check(spec)
+        call = self.prepare_call(spec)
+        with devices.raise_oom_as(self.model_id, self.device):
+            # 2. Load the model and apply the LoRA
+            self.load()
+            clock.lap("load")
+            lora_record = self.lora.apply(spec.lora, self._lora_mode(spec))
+            clock.lap("lora")
+            # 3. Encode prompt
+            embeds = self.encode_prompt(spec, call)
+            clock.lap("encode")
+            with self._vae_tiling(call):
+                # 4. Denoise
+                latents, call_record = self.denoise(spec, call, embeds, on_step, should_stop)
+                clock.lap("denoise")
+                # 5. Decode
+                image = self.decode(spec, call, latents)
+                clock.lap("decode")
+        # 6. Record
+        record = self.make_record(spec, call, lora_record, call_record)
+        return RenderResult(image=image, seed=call.seed, width=call.width, height=call.height, record=record,
+                            timings=clock.timings())
+
+    def check(self, spec: RenderSpec) -> None:
+        """Refuse what cannot render, before anything loads."""
+        check_spec(spec, self.model_id, self._control_problems(spec))
+        if spec.lora is not None and not os.path.isfile(spec.lora.path):
+            raise LoraError(f"{spec.lora.path}: LoRA file not found")
+
+    def _control_problems(self, spec: RenderSpec) -> list[str]:
+        problems = []
+        slots = [c.slot for c in spec.control_images]
+        if len(slots) != len(set(slots)):
+            problems.append("control_images: a slot is given more than once")
+        if self.control_kind == "single" and set(slots) - {"ctrl_img"}:
+            problems.append(f"control_images: {self.model_id} takes only `ctrl_img` "
+                            f"(got {', '.join(sorted(slots))})")
+        if self.control_kind == "multi":
+            numbered = [s for s in ("ctrl_img_1", "ctrl_img_2", "ctrl_img_3") if s in slots]
+            expected = ["ctrl_img_1", "ctrl_img_2", "ctrl_img_3"][: len(numbered)]
+            if numbered and numbered != expected:
+                problems.append(f"control_images: slots must be filled in order from ctrl_img_1 "
+                                f"(got {', '.join(numbered)})")
+        return problems
+
+    def prepare_call(self, spec: RenderSpec) -> _Call:
+        """Seed, size floored to the divisor, and the control images opened and routed."""
+        images = {c.slot: open_control(c.path) for c in spec.control_images}
+        return _Call(seed=spec.seed if spec.seed >= 0 else secrets.randbelow(2**32),
+                     width=snap(spec.width, self.info.divisor), height=snap(spec.height, self.info.divisor),
+                     controls=plan_controls(spec, self.control_kind, images) if self.control_kind != "none" else None,
+                     vae_tiling=spec.parity == "aitk" and spec.aitk.vae_tiling)
+
+    def _lora_mode(self, spec: RenderSpec) -> LoraMode:
+        """aitk: as ai-toolkit sampled (merged, or a runtime branch for quantised runs); reference: the
+        seeds' per-model choice (fused for 2512/2511, adapters for edit/2509)."""
+        if spec.parity == "aitk":
+            return "fuse" if spec.aitk.lora_merged else "adapter"
+        return "fuse" if self.info.lora_mode == "fuse" else "adapter"
+
+    def encode_prompt(self, spec: RenderSpec, call: _Call) -> Embeds:
+        """The prompt's embeddings and, with CFG, the negative prompt's; cached across renders."""
+        plan = call.controls
+        digests = () if plan is None else tuple(_image_digest(img) for _slot, img in plan.text_encoder)
+        embeds = {}
+        embeds["prompt_embeds"], embeds["prompt_embeds_mask"] = self._encode(spec.prompt, spec, plan, digests)
+        if spec.guidance_scale > 1:
+            embeds["negative_prompt_embeds"], embeds["negative_prompt_embeds_mask"] = self._encode(
+                spec.neg, spec, plan, digests)
+        return embeds
+
+    def _cached_embeds(self, key: tuple, compute) -> tuple[torch.Tensor, torch.Tensor]:
+        def with_mask() -> tuple[torch.Tensor, torch.Tensor]:
+            embeds, mask = compute()
+            if mask is None:
+                # ai-toolkit keeps an explicit all-ones mask; the pipelines turn it back into None.
+                mask = torch.ones(embeds.shape[:2], dtype=torch.int64, device=embeds.device)
+            return embeds, mask
+
+        return self._embeds.get_or_compute(key, with_mask)
+
+    def _encode(self, text: str, spec: RenderSpec, plan: ControlPlan | None,
+                images_key: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    @contextmanager
+    def _vae_tiling(self, call: _Call) -> Iterator[None]:
+        """VAE tiling around denoise and decode when the ai-toolkit job had `low_vram`."""
+        if not call.vae_tiling:
+            yield
+            return
+        self.pipe.vae.enable_tiling()
+        try:
+            yield
+        finally:
+            self.pipe.vae.disable_tiling()
+
+    def _scheduler(self, parity: str):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        config = AITK_SCHEDULER if parity == "aitk" else self._hub_scheduler_config
+        return FlowMatchEulerDiscreteScheduler.from_config(config)
+
+    def denoise(self, spec: RenderSpec, call: _Call, embeds: Embeds, on_step: StepCallback | None,
+                should_stop: StopCheck | None) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Packed latents after the last step, and what the record says of the loop."""
+        self.pipe.scheduler = self._scheduler(spec.parity)
+        if should_stop is not None and should_stop():
+            raise RenderInterrupted(f"{spec.model}: stopped before denoising")
+        generator = torch.Generator("cpu").manual_seed(call.seed)
+        return self._run_pipeline(spec, call, embeds, generator, _step_callback(spec, on_step, should_stop))
+
+    def _run_pipeline(self, spec: RenderSpec, call: _Call, embeds: Embeds, generator: torch.Generator,
+                      callback) -> tuple[torch.Tensor, dict[str, Any]]:
+        raise NotImplementedError
+
+    def decode(self, spec: RenderSpec, call: _Call, latents: torch.Tensor) -> Image.Image:
+        array = decode_latents(self.pipe, latents, call.height, call.width)
+        if not np.isfinite(array).all():
+            raise NonFiniteOutput(f"{spec.model}: the decoded image is not finite")
+        return self.pipe.numpy_to_pil(array)[0]
+
+    def _te_record(self, spec: RenderSpec, plan: ControlPlan | None) -> dict[str, Any]:
+        return {}
+
+    def make_record(self, spec: RenderSpec, call: _Call, lora_record: dict[str, Any] | None,
+                    call_record: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "model": spec.model,
+            "parity": spec.parity,
+            "pipeline": type(self.pipe).__name__,
+            "source": self.source.path,
+            "device": self.device,
+            "dtype": self.dtype,
+            "text_encoder_quantization": self.source.quantize_text_encoder,
+            "prompt": spec.prompt,
+            "neg": spec.neg,
+            "seed": call.seed,
+            "generator": "torch.Generator('cpu').manual_seed(seed), one per image",
+            "requested_size": [spec.width, spec.height],
+            "size": [call.width, call.height],
+            "size_divisor": self.info.divisor,
+            "steps": spec.sample_steps,
+            "true_cfg_scale": spec.guidance_scale,
+            "cfg": spec.guidance_scale > 1,
+            "scheduler": {"source": "aitk-hardcoded" if spec.parity == "aitk" else "model-folder",
+                          "class": type(self.pipe.scheduler).__name__,
+                          "config": {k: v for k, v in self.pipe.scheduler.config.items()
+                                     if not k.startswith("_")}},
+            "vae_tiling": call.vae_tiling,
+            "lora": lora_record,
+            **self._te_record(spec, call.controls),
+            **call_record,
+            "versions": _versions(),
+        }
+
+
+def _step_callback(spec: RenderSpec, on_step: StepCallback | None, should_stop: StopCheck | None):
+    """The pipelines' `callback_on_step_end`: refuses non-finite latents, reports progress, stops."""
+    total = spec.sample_steps
+
+    def callback(pipe, i, t, kwargs):
+        latents = kwargs["latents"]
+        if not torch.isfinite(latents).all():
+            raise NonFiniteOutput(f"{spec.model}: latents became non-finite at step {i + 1}/{total} "
+                                  "(a 1-step Qwen schedule has a NaN sigma)")
+        if on_step is not None:
+            on_step(i + 1, total)
+        if should_stop is not None and should_stop():
+            raise RenderInterrupted(f"{spec.model}: stopped after step {i + 1}/{total}")
+        return {"latents": latents}
+
+    return callback
+
+
+def _versions() -> dict[str, str]:
+    import diffusers
+    import transformers
+
+    return {"torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__}
+
+
+class QwenImagePreview(_QwenPreview):
+    """Qwen-Image and Qwen-Image-2512: text to image."""
+
+    control_kind = "none"
+
+    def _pipeline_class(self):
+        from diffusers import QwenImagePipeline
+
+        return QwenImagePipeline
+
+    def _encode(self, text, spec, plan, images_key):
+        key = ("t2i", text)
+        return self._cached_embeds(key, lambda: self.pipe.encode_prompt(text, device=self.pipe._execution_device,
+                                                                        num_images_per_prompt=1))
+
+    def _run_pipeline(self, spec, call, embeds, generator, callback):
+        out = self.pipe(**embeds, height=call.height, width=call.width, num_inference_steps=spec.sample_steps,
+                        true_cfg_scale=spec.guidance_scale, generator=generator, output_type="latent",
+                        callback_on_step_end=callback)
+        return out.images, {"cfg_renorm": spec.guidance_scale > 1}
+
+
+class _QwenEditBase(_QwenPreview):
+    def _te_area(self) -> int:
+        return qwen_encode.EDIT_TE_AREA
+
+    def _te_images(self, plan: ControlPlan, spec: RenderSpec):
+        dtype = devices.torch_dtype(self.dtype)
+        device = self.pipe._execution_device
+        return [text_encoder_tensor(img, self._te_area(), spec.parity, device, dtype)
+                for _slot, img in plan.text_encoder]
+
+    def _encode(self, text, spec, plan, images_key):
+        key = (self.control_kind, spec.parity, self._te_area(), text, images_key)
+
+        def compute():
+            tensors = self._te_images(plan, spec)
+            image = tensors if self.control_kind == "multi" else tensors[0]
+            return self.pipe.encode_prompt(text, image=image, device=self.pipe._execution_device,
+                                           num_images_per_prompt=1)
+
+        return self._cached_embeds(key, compute)
+
+    def _te_record(self, spec, plan):
+        return {"text_encoder_images": [
+            {"slot": slot, "source_size": [img.width, img.height],
+             "tensor_hw": list(text_encoder_size(img.width, img.height, self._te_area(), spec.parity)),
+             "resize": "F.interpolate bilinear"}
+            for slot, img in plan.text_encoder]}
+
+
+class QwenImageEditPreview(_QwenEditBase):
+    """Qwen-Image-Edit: one control image in `ctrl_img`."""
+
+    control_kind = "single"
+
+    def _pipeline_class(self):
+        from previewd.pipelines.qwen.vae_cache import QwenEditCachedPipeline
+
+        return QwenEditCachedPipeline
+
+    def _run_pipeline(self, spec, call, embeds, generator, callback):
+        (_slot, img), = call.controls.vae
+        vae_img, kernel = edit_vae_image(img, call.width, call.height, spec.parity)
+        out = self.pipe(image=vae_img, **embeds, height=call.height, width=call.width,
+                        num_inference_steps=spec.sample_steps, true_cfg_scale=spec.guidance_scale,
+                        generator=generator, output_type="latent", callback_on_step_end=callback)
+        return out.images, {"cfg_renorm": spec.guidance_scale > 1,
+                            "vae_images": [{"slot": "ctrl_img", "resize_to_output": kernel,
+                                            "then": "diffusers LANCZOS to ~1 MP"}]}
+
+
+class QwenImageEditPlusPreview(_QwenEditBase):
+    """Qwen-Image-Edit-2509 and -2511: one to three control images, `ctrl_img_1`..`_3`."""
+
+    control_kind = "multi"
+
+    def _te_area(self) -> int:
+        from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as stock
+
+        return stock.CONDITION_IMAGE_SIZE
+
+    def _pipeline_class(self):
+        from previewd.pipelines.qwen.edit_plus_loop import QwenEditPlusCfgNormPipeline
+
+        return QwenEditPlusCfgNormPipeline
+
+    def _run_pipeline(self, spec, call, embeds, generator, callback):
+        vae_images = [img for _slot, img in call.controls.vae]
+        do_cfg = spec.guidance_scale > 1
+        common = dict(height=call.height, width=call.width, num_inference_steps=spec.sample_steps,
+                      true_cfg_scale=spec.guidance_scale, generator=generator, callback_on_step_end=callback)
+        if spec.parity == "reference":
+            latents = self.pipe(image=vae_images, **embeds, **common, output_type="latent").images
+            renorm, loop = do_cfg, "diffusers QwenImageEditPlusPipeline"
+        else:
+            negatives = {k: embeds.get(k) for k in ("negative_prompt_embeds", "negative_prompt_embeds_mask")}
+            latents = self.pipe.sample(vae_images, prompt_embeds=embeds["prompt_embeds"],
+                                       prompt_embeds_mask=embeds["prompt_embeds_mask"], **negatives, **common,
+                                       cfg_norm=spec.aitk.do_cfg_norm)
+            renorm, loop = do_cfg and spec.aitk.do_cfg_norm, "previewd aitk edit-plus loop"
+        return latents, {"cfg_renorm": renorm, "denoise_loop": loop,
+                         "vae_images": [{"slot": slot, "source_size": [img.width, img.height],
+                                         "resize": "diffusers LANCZOS to ~1 MP"} for slot, img in call.controls.vae]}
