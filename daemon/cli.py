@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from previewd.config import Config, load_config
-from previewd.errors import PreviewdError
+from previewd.errors import ConfigError, PreviewdError
 from previewd.fileio import atomic_copy
 
 log = logging.getLogger("previewd")
@@ -56,7 +56,20 @@ def cmd_tiny_models(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from previewd.service import Service
 
-    return Service(_load(args), exit_when_idle=args.exit_when_idle).run()
+    config = _load(args)
+    if args.device:
+        config = _with_device(config, args.device)
+    return Service(config, exit_when_idle=args.exit_when_idle).run()
+
+
+def _with_device(config: Config, device: str) -> Config:
+    """One config for every GPU of a host: `--device` overrides its `device`, validated alike."""
+    from pydantic import ValidationError
+
+    try:
+        return Config.model_validate(config.model_dump() | {"device": device})
+    except ValidationError as exc:
+        raise ConfigError(f"--device {device}: {exc.errors()[0]['msg']}") from None
 
 
 def cmd_render(args: argparse.Namespace) -> int:
@@ -103,25 +116,74 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _store(config: Config):
+def _open(config: Config):
     from previewd.queue.store import JobStore
 
     config.state_dir.mkdir(parents=True, exist_ok=True)
-    store = JobStore(config.db_url)
-    store.create_schema()
+    return JobStore(config.db_url)
+
+
+def _store(config: Config):
+    """The queue, its schema brought to head (as the daemon does at start-up)."""
+    store = _open(config)
+    try:
+        store.upgrade_schema()
+    except BaseException:
+        store.close()
+        raise
     return store
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    config = _load(args)
-    store = _store(config)
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    store = _open(_load(args))
     try:
-        counts = {state.value: n for state, n in store.counts().items()}
-        running = store.list_jobs(states=["running"])
-        failed = store.list_jobs(states=["failed"], limit=args.limit)
-        workers = store.workers()
+        found, head = store.upgrade_schema()
     finally:
         store.close()
+    print(f"schema at {head} (head)" if found == head else f"schema upgraded from {found or 'nothing'} to {head}")
+    return EXIT_OK
+
+
+def cmd_db_current(args: argparse.Namespace) -> int:
+    from previewd.queue import migrate
+
+    store = _open(_load(args))
+    try:
+        found = store.schema_revision()
+    finally:
+        store.close()
+    script = migrate.script_directory()
+    head = script.get_current_head()
+    if found is None:
+        print(f"no schema version (an empty database, or one of previewd 0.1): `previewd db upgrade` "
+              f"creates or adopts it; head is {head}")
+    elif found == head:
+        print(f"{found} (head)")
+    else:
+        migrate.check_known(script, found)
+        print(f"{found} (head is {head}: run `previewd db upgrade`, or start a daemon)")
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from previewd.queue import DatabaseUnavailable
+
+    config = _load(args)
+    try:
+        store = _store(config)
+        try:
+            revision = store.schema_revision()
+            now = store.now()
+            counts = {state.value: n for state, n in store.counts().items()}
+            running = store.list_jobs(states=["running"])
+            failed = store.list_jobs(states=["failed"], limit=args.limit)
+            workers = store.workers()
+            unreadable = store.unreadable()
+        finally:
+            store.close()
+    except DatabaseUnavailable as exc:
+        print(json.dumps({"database": {"reachable": False, "error": str(exc)}}, indent=2) if args.json else str(exc))
+        return EXIT_FAILURE
 
     def job_view(job) -> dict:
         target = job.payload.get("target", {})
@@ -132,12 +194,22 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     from previewd.rejections import rejected_inputs
 
-    report = {"counts": counts, "running": [job_view(j) for j in running],
+    def worker_view(worker) -> dict:
+        age = (now - worker.last_heartbeat).total_seconds()
+        # Dead workers are marked gone by the live ones; if none is left, age tells.
+        gone = worker.gone_at is not None or age > config.worker.lease_seconds
+        return {"id": worker.id, "host": worker.hostname, "pid": worker.pid, "device": worker.device,
+                "state": "gone" if gone else "live", "model": worker.model, "current_job": worker.current_job_id,
+                "last_heartbeat": worker.last_heartbeat.isoformat(), "heartbeat_age_seconds": round(age, 1)}
+
+    report = {"database": {"reachable": True, "schema": revision},
+              "counts": counts, "running": [job_view(j) for j in running],
               "failed": [job_view(j) for j in failed],
               "rejected_inputs": [{"path": str(path), "reason": reason}
                                   for path, reason in rejected_inputs(list(config.watch_roots))],
-              "workers": [{"id": w.id, "last_heartbeat": w.last_heartbeat.isoformat() if w.last_heartbeat else None,
-                           "current_job": w.current_job_id} for w in workers]}
+              "workers": [worker_view(w) for w in workers],
+              "unreadable": [{"job": u.job_id, "worker": u.worker_id, "host": u.hostname, "path": u.path,
+                              "at": u.at.isoformat(), "recheck_after": u.until.isoformat()} for u in unreadable]}
     if args.json:
         print(json.dumps(report, indent=2))
         return EXIT_OK
@@ -151,8 +223,14 @@ def cmd_status(args: argparse.Namespace) -> int:
               f"after {job['attempts']} attempt(s): {job['last_error']}")
     for rejected in report["rejected_inputs"]:
         print(f"rejected {rejected['reason']}")
+    for mark in report["unreadable"]:
+        print(f"queued  #{mark['job']}: {mark['host']} ({mark['worker']}) cannot read {mark['path']}")
+    # By host, then device: one line per GPU.
     for worker in report["workers"]:
-        print(f"worker {worker['id']}: last heartbeat {worker['last_heartbeat']}, job {worker['current_job']}")
+        doing = f"job #{worker['current_job']}" if worker["current_job"] else "idle"
+        loaded = f", {worker['model']} loaded" if worker["model"] else ""
+        print(f"worker {worker['host']} {worker['device'] or '-'}: {worker['state']}, {doing}{loaded}, "
+              f"heartbeat {worker['heartbeat_age_seconds']:.0f}s ago (pid {worker['pid']}, {worker['id']})")
     return EXIT_OK
 
 
@@ -191,7 +269,15 @@ def parser() -> argparse.ArgumentParser:
     sp = with_config(sub.add_parser("run", help="run the daemon"))
     sp.add_argument("--exit-when-idle", action="store_true",
                     help="exit once the inbox has settled and the queue is empty")
+    sp.add_argument("--device", help="render on this device instead of the config's (one daemon per GPU: cuda:N)")
     sp.set_defaults(func=cmd_run)
+
+    db = sub.add_parser("db", help="the queue database's schema").add_subparsers(dest="db_command", required=True)
+    sp = with_config(db.add_parser("upgrade", help="create or migrate the schema to head (the daemon does it "
+                                                   "at start-up; safe while other daemons run)"))
+    sp.set_defaults(func=cmd_db_upgrade)
+    sp = with_config(db.add_parser("current", help="the database's schema revision"))
+    sp.set_defaults(func=cmd_db_current)
 
     sp = with_config(sub.add_parser("render", help="render one request now, without the daemon"))
     sp.add_argument("request")

@@ -3,8 +3,12 @@
 Signal handlers only set flags (uvicorn's two-step exit). The first SIGTERM/SIGINT asks the
 running render to stop after its current step and returns the job to the queue; a second one
 exits at once. The periodic chores (`on_tick`: watchdog, worker heartbeat, the running job's
-lease, expired leases, snapshot pruning) run on their own thread, so they go on while a model
-loads or renders.
+lease, expired leases, gone workers, snapshot pruning) run on their own thread, so they go on while
+a model loads or renders.
+
+The database may be unreachable at start (after a reboot it may come up after us) or at any time
+later (a restart, a network blip): the daemon waits and retries, never exits for it, and says so
+in its systemd status. Start-up brings the queue's schema to head under the database's lock.
 """
 
 from __future__ import annotations
@@ -16,15 +20,17 @@ import socket
 import threading
 import time
 import uuid
+from pathlib import Path
 from types import FrameType
 
 from sqlalchemy.engine import make_url
 
-from previewd import snapshots
+from previewd import shared_state, snapshots
 from previewd.config import Config
 from previewd.dispatch import Dispatcher
 from previewd.inbox import InboxWatcher
 from previewd.notify import notify
+from previewd.queue import DatabaseUnavailable
 from previewd.queue.states import JobState
 from previewd.queue.store import JobStore
 from previewd.retry import RetryPolicy
@@ -35,6 +41,8 @@ log = logging.getLogger(__name__)
 _TICK_SECONDS = 1.0
 _SNAPSHOT_MIN_AGE = 600.0
 _PRUNE_SECONDS = 300.0
+# Gone workers stay listed (status shows them) this long before their rows are deleted.
+_FORGET_WORKERS_SECONDS = 86400.0
 
 
 class Service:
@@ -51,12 +59,15 @@ class Service:
         self._store = JobStore(config.db_url)
         self._renderer = renderer or Renderer(config)
         self._dispatcher = Dispatcher(config, self._store)
-        self._watcher = InboxWatcher(config.watch_roots, self._dispatcher.handle, ignore=self._dispatcher.ignore,
+        self._watcher = InboxWatcher(config.watch_roots, self._intake, ignore=self._dispatcher.ignore,
                                      settle_seconds=config.watch.settle_seconds,
                                      rescan_seconds=config.watch.rescan_seconds, polling=config.watch.polling)
         self._worker = Worker(self._store, self._renderer, config, self.worker_id)
         self._loop_backoff = RetryPolicy(base_delay=2.0, max_delay=60.0)
         self._last_prune = 0.0
+        self._probe: Path | None = None
+        self._watching = False
+        self._db_lost_at: float | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
     def run(self) -> int:
@@ -75,11 +86,9 @@ class Service:
     def startup(self) -> None:
         for folder in (self.config.state_dir, self.config.outbox_root, self.config.inbox):
             folder.mkdir(parents=True, exist_ok=True)
-        self._store.create_schema()
-        self._store.register_worker(self.worker_id, socket.gethostname(), os.getpid())
-        for job in self._store.requeue_expired():
-            log.warning("job %d: its worker vanished; now %s", job.id, job.state.value)
+        self._connect()
         self._watcher.start()
+        self._watching = True
         self._ticker.start()
         threading.Thread(target=self._guard_shutdown, name="previewd-shutdown-guard", daemon=True).start()
         log.info("watching %s; database %s", ", ".join(map(str, self.config.watch_roots)),
@@ -91,8 +100,15 @@ class Service:
         while not self.should_exit.is_set():
             try:
                 worked = self._worker.run_once(self.should_exit)
+                idle = not worked and self.exit_when_idle and self._idle()
                 failures = 0
-            except Exception:  # a database outage or similar: back off and keep the daemon up
+            except DatabaseUnavailable as exc:  # expected now and then: no traceback
+                failures += 1
+                delay = self._loop_backoff.delay(failures)
+                log.warning("%s; claiming again in %.0fs", exc, delay)
+                self.should_exit.wait(delay)
+                continue
+            except Exception:  # a bug or similar: back off and keep the daemon up
                 failures += 1
                 delay = self._loop_backoff.delay(failures)
                 log.exception("main loop error; retrying in %.0fs", delay)
@@ -100,7 +116,7 @@ class Service:
                 continue
             if worked:
                 continue
-            if self.exit_when_idle and self._idle():
+            if idle:
                 log.info("queue empty and inbox settled: exiting (--exit-when-idle)")
                 return
             self.should_exit.wait(self.config.worker.idle_poll_seconds)
@@ -109,11 +125,18 @@ class Service:
         """Once a second, whatever the worker is doing."""
         self._ping_watchdog()
         current = self._worker.current
-        self._store.worker_heartbeat(self.worker_id, current.id if current else None)
+        if not self._store.worker_heartbeat(self.worker_id, current.id if current else None,
+                                            model=self._renderer.model):
+            self._register()  # deleted by the others while we could not reach the database
         self._worker.beat()
         for job in self._store.requeue_expired():
             log.warning("job %d: its worker stopped renewing the lease; now %s (%s)", job.id, job.state.value,
                         job.last_error)
+        for worker in self._store.reap_workers(stale_after=self.config.worker.lease_seconds,
+                                               forget_after=_FORGET_WORKERS_SECONDS):
+            log.warning("worker %s on %s (%s) stopped heartbeating: marked gone", worker.id, worker.hostname,
+                        worker.device or "device unknown")
+            shared_state.remove_probe(worker.probe)
         now = time.monotonic()
         if now - self._last_prune < _PRUNE_SECONDS:
             return
@@ -121,7 +144,9 @@ class Service:
         # Failed and cancelled jobs can be retried, so their checkpoints stay too.
         keep = {job.affinity for job in self._store.list_jobs(
             states=[JobState.QUEUED, JobState.RUNNING, JobState.FAILED, JobState.CANCELLED]) if job.affinity}
-        snapshots.prune(self.config.snapshot_dir, keep, min_age_seconds=_SNAPSHOT_MIN_AGE, now=time.time())
+        # Snapshot ages by the file server's clock: this host's may be off.
+        snapshots.prune(self.config.snapshot_dir, keep, min_age_seconds=_SNAPSHOT_MIN_AGE,
+                        now=shared_state.filesystem_now(self.config.snapshot_dir))
 
     def shutdown(self) -> None:
         notify("STOPPING=1")
@@ -129,32 +154,86 @@ class Service:
         self._ticks_done.set()
         if self._ticker.is_alive():
             self._ticker.join()
-        self._watcher.stop()
+        if self._watching:  # not when start-up failed, e.g. on a database of a newer previewd
+            self._watcher.stop()
         self._renderer.close()
-        self._store.unregister_worker(self.worker_id)
+        try:
+            self._store.unregister_worker(self.worker_id)
+        except DatabaseUnavailable as exc:
+            log.warning("%s: the other workers mark this one gone after its lease", exc)
+        shared_state.remove_probe(str(self._probe) if self._probe else None)
         self._store.close()
         self._stopped.set()
 
     # -- helpers ------------------------------------------------------------------------------
+    def _connect(self) -> None:
+        """Wait for the database, bring the schema to head (under the database's lock, so daemons
+        starting together migrate once), register, and check that this host sees the shared state."""
+        failures = 0
+        while True:
+            try:
+                found, head = self._store.upgrade_schema()
+                self._register()
+                for job in self._store.requeue_expired():
+                    log.warning("job %d: its worker vanished; now %s", job.id, job.state.value)
+                peers = self._store.workers()
+                break
+            except DatabaseUnavailable as exc:
+                failures += 1
+                delay = self._loop_backoff.delay(failures)
+                log.warning("%s; trying again in %.0fs", exc, delay)
+                notify(f"STATUS=waiting for the database ({exc})")
+                if self.should_exit.wait(delay):
+                    return
+        if found == head:
+            log.info("queue schema at %s (head)", head)
+        else:
+            log.info("queue schema upgraded from %s to %s", found or "nothing", head)
+        for problem in shared_state.check_peers(peers, self.worker_id):
+            log.error("shared state: %s", problem)
+
+    def _register(self) -> None:
+        self._probe = shared_state.write_probe(self.config.snapshot_dir, self.worker_id)
+        self._store.register_worker(self.worker_id, socket.gethostname(), os.getpid(),
+                                    device=self.config.device, probe=str(self._probe))
+
+    def _intake(self, path: Path) -> bool:
+        try:
+            return self._dispatcher.handle(path)
+        except DatabaseUnavailable as exc:  # not handled: the watcher delivers it again later
+            log.warning("%s: %s; reading it again later", path, exc)
+            return False
+
     def _tick_loop(self) -> None:
         while not self._ticks_done.wait(_TICK_SECONDS):
             try:
                 self.on_tick()
-            except Exception:  # e.g. a locked or unreachable database: try again next tick
+            except DatabaseUnavailable as exc:  # the render goes on; chores resume when it is back
+                if self._db_lost_at is None:
+                    self._db_lost_at = time.monotonic()
+                    log.warning("%s; rendering goes on, retrying every %.0fs", exc, _TICK_SECONDS)
+                continue
+            except Exception:  # e.g. a bug in a chore: try again next tick
                 log.exception("periodic chores failed; retrying")
+                continue
+            if self._db_lost_at is not None:
+                log.info("database reachable again after %.0fs", time.monotonic() - self._db_lost_at)
+                self._db_lost_at = None
 
     def _idle(self) -> bool:
-        if not self._watcher.idle:
-            return False
-        counts = self._store.counts()
-        return not counts.get(JobState.QUEUED, 0) and not counts.get(JobState.RUNNING, 0)
+        # Jobs whose files this host cannot read are left to the others.
+        return self._watcher.idle and self._store.outstanding(self.worker_id) == 0
 
     def _ping_watchdog(self) -> None:
-        counts = self._store.counts()
         current = self._worker.current
-        status = (f"rendering job {current.id}; " if current else "idle; ") + \
-            f"{counts.get(JobState.QUEUED, 0)} queued, {counts.get(JobState.DONE, 0)} done, " \
-            f"{counts.get(JobState.FAILED, 0)} failed"
+        status = f"rendering job {current.id}; " if current else "idle; "
+        try:
+            counts = self._store.counts()
+        except DatabaseUnavailable:  # the watchdog is about this process, which is fine
+            status += "database unreachable"
+        else:
+            status += f"{counts.get(JobState.QUEUED, 0)} queued, {counts.get(JobState.DONE, 0)} done, " \
+                f"{counts.get(JobState.FAILED, 0)} failed"
         notify("WATCHDOG=1", f"STATUS={status}")
 
     def _guard_shutdown(self) -> None:

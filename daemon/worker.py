@@ -8,24 +8,27 @@ queue) is also what `previewd render` uses, so a one-off render takes the same c
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
-from datetime import datetime, timedelta, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
-from previewd import outbox
+from previewd import outbox, shared_state
 from previewd.aitk_samples import find_samples
 from previewd.config import Config
 from previewd.errors import JobStateError, PipelineError, PipelineOutOfMemory, RenderInterrupted
 from previewd.manifest import ControlRef, RenderEntry
-from previewd.queue import Job, JobState, JobStore
+from previewd.queue import DatabaseUnavailable, Job, JobState, JobStore
 from previewd.retry import RetryPolicy
 from previewd.spec import ModelSource, RenderResult
 from previewd.tasks import RenderTask
 
 log = logging.getLogger(__name__)
+
+# A worker that cannot read a job's files skips the job this long before it looks again.
+_RECHECK_UNREADABLE_SECONDS = 300.0
 
 _VERSIONED = ("previewd", "torch", "diffusers", "transformers", "peft", "optimum-quanto")
 
@@ -118,7 +121,11 @@ class Renderer:
 
 class Worker:
     """Runs one job at a time. `beat()` is called from the service's tick thread, also while a
-    model loads or renders, and renews the running job's lease."""
+    model loads or renders, and renews the running job's lease.
+
+    The database may go away mid-job (a server restart): the render goes on, and its outcome is
+    recorded once the database is back (`_persist`), unless the lease was lost meanwhile.
+    """
 
     def __init__(self, store: JobStore, renderer: Renderer, config: Config, worker_id: str):
         self._store = store
@@ -131,6 +138,7 @@ class Worker:
         self.progress: float | None = None
         self._lost = threading.Event()
         self._last_renewal = 0.0
+        self._reconnect = RetryPolicy(base_delay=1.0, max_delay=15.0)
 
     def run_once(self, stop: threading.Event) -> bool:
         """Claim and run one job. False when there was nothing to do."""
@@ -165,7 +173,16 @@ class Worker:
         try:
             task = RenderTask.model_validate(job.payload)
         except ValueError as exc:
-            self._store.fail(job.id, self._worker, f"unreadable job payload: {exc}", retry_at=None)
+            self._persist(job, lambda: self._store.fail(job.id, self._worker, f"unreadable job payload: {exc}",
+                                                        retry_in=None))
+            return
+        missing = shared_state.first_unreadable(shared_state.job_files(task))
+        if missing is not None:
+            # Not the job's fault: another worker (host) may see the file, so leave it to them.
+            self._persist(job, lambda: self._store.release_unreadable(
+                job.id, self._worker, socket.gethostname(), missing, recheck_in=_RECHECK_UNREADABLE_SECONDS))
+            log.warning("job %d: cannot read %s on this host; left to other workers (looking again in %.0fs)",
+                        job.id, missing, _RECHECK_UNREADABLE_SECONDS)
             return
 
         def on_step(done: int, total: int) -> None:
@@ -182,7 +199,7 @@ class Worker:
                 log.info("job %d: stopped, it was cancelled or taken over", job.id)
                 return
             try:
-                self._store.release(job.id, self._worker, "shutdown")
+                self._persist(job, lambda: self._store.release(job.id, self._worker, "shutdown"))
                 log.info("job %d: interrupted by shutdown, returned to the queue", job.id)
             except JobStateError:
                 log.info("job %d: interrupted; it was already cancelled or taken over", job.id)
@@ -192,7 +209,8 @@ class Worker:
             return
         image = Path(task.target.out_dir) / entry.image
         try:
-            self._store.finish(job.id, self._worker, {"image": str(image), "seed": result.seed})
+            self._persist(job, lambda: self._store.finish(job.id, self._worker,
+                                                          {"image": str(image), "seed": result.seed}))
         except JobStateError:
             # Cancelled or taken over after the render finished: the image is written either way,
             # and the outbox entry is keyed by image name, so a re-run replaces it, never doubles it.
@@ -203,11 +221,9 @@ class Worker:
     def _record_failure(self, job: Job, exc: BaseException) -> None:
         decision = self._policy.decide(job.attempts, exc)
         message = f"{type(exc).__name__}: {exc}"
-        retry_at = None
-        if decision.retry:
-            retry_at = datetime.now(timezone.utc) + timedelta(seconds=decision.delay)
+        retry_in = decision.delay if decision.retry else None
         try:
-            final = self._store.fail(job.id, self._worker, message, retry_at=retry_at)
+            final = self._persist(job, lambda: self._store.fail(job.id, self._worker, message, retry_in=retry_in))
         except JobStateError:
             log.warning("job %d: %s (it was cancelled or taken over meanwhile)", job.id, message)
             return
@@ -215,3 +231,20 @@ class Worker:
             log.warning("job %d: %s (%s)", job.id, message, decision.reason)
         else:
             log.exception("job %d failed: %s", job.id, message, exc_info=exc)
+
+    def _persist(self, job: Job, write: Callable[[], Any]) -> Any:
+        """Run `write` (a change to the job) until the database takes it. JobStateError still
+        propagates: once the database is back, a job whose lease lapsed meanwhile is no longer ours."""
+        failures = 0
+        while True:
+            try:
+                result = write()
+            except DatabaseUnavailable as exc:
+                failures += 1
+                if failures == 1:
+                    log.warning("job %d: %s; keeping its outcome until the database is back", job.id, exc)
+                time.sleep(self._reconnect.delay(failures))
+                continue
+            if failures:
+                log.info("job %d: recorded after the database came back", job.id)
+            return result

@@ -63,3 +63,22 @@ class Worker(_FromRow):
     started_at: datetime
     last_heartbeat: datetime
     current_job_id: int | None
+    device: str | None
+    model: str | None
+    """The model it has loaded, if any."""
+    gone_at: datetime | None
+    """When it was found to have stopped heartbeating; None while it is live."""
+    probe: str | None
+    """A file it wrote in the shared state folder, which every other worker must be able to read."""
+
+
+@dataclass(frozen=True)
+class Unreadable(_FromRow):
+    """A worker could not read a file of a job, gave the job back and skips it until `until`."""
+
+    job_id: int
+    worker_id: str
+    hostname: str
+    path: str
+    at: datetime
+    until: datetime

@@ -1,6 +1,8 @@
 """Tables of the job queue (SQLAlchemy Core). The same schema serves SQLite and PostgreSQL.
 
-Only `previewd.queue.store` reads or writes them.
+Only `previewd.queue.store` reads or writes them. This is the schema at the newest migration
+(`previewd.queue.migrations`); a change here needs a new revision there, and the migration tests
+check that the two agree.
 """
 
 from __future__ import annotations
@@ -108,4 +110,25 @@ workers = sa.Table(
     sa.Column("last_heartbeat", UTCDateTime, nullable=False),
     sa.Column("current_job_id", sa.Integer, sa.ForeignKey("jobs.id", ondelete="SET NULL"),
               nullable=True),
+    sa.Column("device", sa.String(64), nullable=True, comment="as configured, e.g. cuda:1"),
+    sa.Column("model", sa.String(64), nullable=True, comment="the model it has loaded"),
+    sa.Column("gone_at", UTCDateTime, nullable=True,
+              comment="set once it missed heartbeats for a lease period; NULL while live"),
+    sa.Column("probe", sa.String(1024), nullable=True,
+              comment="a file it wrote in the shared state folder, for the others to read"),
+)
+
+# A worker that cannot read a job's files (checkpoint snapshot, control image) gives the job
+# back and skips it until `until`, so workers that can read them take it, and it is checked again
+# later (a mount may come back) without the worker claiming it over and over meanwhile.
+job_unreadable = sa.Table(
+    "job_unreadable",
+    metadata,
+    sa.Column("job_id", sa.Integer, sa.ForeignKey("jobs.id", ondelete="CASCADE"),
+              primary_key=True),
+    sa.Column("worker_id", sa.String(128), primary_key=True),
+    sa.Column("hostname", sa.String(255), nullable=False),
+    sa.Column("path", sa.Text, nullable=False, comment="the first file it could not read"),
+    sa.Column("at", UTCDateTime, nullable=False),
+    sa.Column("until", UTCDateTime, nullable=False),
 )

@@ -10,6 +10,11 @@ transactions start with `BEGIN IMMEDIATE`, so a claim's read and its compare-and
 under the database write lock. PostgreSQL (several hosts): the same statements, where the
 claim's `FOR UPDATE SKIP LOCKED` lets concurrent claimers pass over each other's rows.
 Payloads and results are opaque JSON objects.
+
+Time is the database's: leases, retry delays and heartbeats are stamped with PostgreSQL's `now()`,
+so a host whose clock is off neither steals live jobs nor keeps dead ones (SQLite runs inside
+this process, so its clock is this host's). A lost connection raises `DatabaseUnavailable`, which
+callers retry; stale pooled connections are replaced after a server restart (pre-ping).
 """
 
 from __future__ import annotations
@@ -22,8 +27,10 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Row
 
 from previewd.errors import JobStateError
-from previewd.queue.records import Job, JobEvent, Worker
-from previewd.queue.schema import job_events, jobs, metadata, workers
+from previewd.queue import migrate
+from previewd.queue.errors import DatabaseUnavailable
+from previewd.queue.records import Job, JobEvent, Unreadable, Worker
+from previewd.queue.schema import job_events, job_unreadable, jobs, workers
 from previewd.queue.states import JobState
 
 Clock = Callable[[], datetime]
@@ -34,6 +41,14 @@ QUEUED, RUNNING, DONE, FAILED, CANCELLED = (JobState.QUEUED, JobState.RUNNING, J
 # Execution option that makes the SQLite "begin" hook take the write lock up front.
 _WRITE_OPTION = "previewd_write"
 
+# libpq defaults wait minutes on a host that went away; a worker should notice within seconds.
+_PG_CONNECT_ARGS = {"connect_timeout": 10, "keepalives_idle": 30, "keepalives_interval": 10,
+                    "keepalives_count": 3}
+
+# SQLite errors that are about access, not about the statement (vs e.g. "no such table").
+_SQLITE_UNAVAILABLE = ("database is locked", "database is busy", "unable to open database",
+                       "disk i/o error")
+
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
@@ -43,13 +58,18 @@ class JobStore:
     """The job queue on one database URL, e.g. ``sqlite:////var/lib/previewd/previewd.db``.
 
     Safe to share between threads. Each process needs its own store: create it after forking.
-    `clock` must return aware datetimes; tests pass a fake one to move time. `busy_timeout`
-    (SQLite) is how many seconds a writer waits for another process's write lock.
+    `clock` replaces the database's clock (tests pass a fake one to move time); it must return
+    aware datetimes. `busy_timeout` (SQLite) is how many seconds a writer waits for another
+    process's write lock before `DatabaseUnavailable`.
     """
 
-    def __init__(self, url: str, *, clock: Clock = utcnow, busy_timeout: float = 30.0):
+    def __init__(self, url: str, *, clock: Clock | None = None, busy_timeout: float = 30.0):
         self._clock = clock
-        self._engine = sa.create_engine(url)
+        parsed = sa.make_url(url)
+        connect_args = {}
+        if parsed.get_backend_name() == "postgresql":
+            connect_args = {k: v for k, v in _PG_CONNECT_ARGS.items() if k not in parsed.query}
+        self._engine = sa.create_engine(parsed, pool_pre_ping=True, connect_args=connect_args)
         if self._engine.dialect.name == "sqlite":
             _configure_sqlite(self._engine, busy_timeout)
         self._writer = self._engine.execution_options(**{_WRITE_OPTION: True})
@@ -63,10 +83,28 @@ class JobStore:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
+    def upgrade_schema(self) -> tuple[str | None, str]:
+        """Create or migrate the schema to head under the database's lock; safe to call on every
+        start, from any number of processes at once. Returns (revision found, head): equal when
+        there was nothing to do; found is None for an empty database and `migrate.BASELINE` for
+        one of previewd 0.1, adopted without losing a job. Raises SchemaVersionError when a newer previewd
+        migrated the database past what this code knows."""
+        with self._unavailable_as_error(), self._writer.begin() as conn:
+            return migrate.upgrade(conn)
+
     def create_schema(self) -> None:
-        """Create the tables that are missing; safe to call on every start."""
-        with self._writer.begin() as conn:
-            metadata.create_all(conn)
+        """`upgrade_schema` for callers that only need the tables to exist (tests, tools)."""
+        self.upgrade_schema()
+
+    def schema_revision(self) -> str | None:
+        """The database's schema revision; None for an empty database or one of previewd 0.1."""
+        with self._read() as conn:
+            return migrate.current(conn)
+
+    def now(self) -> datetime:
+        """The database's time (what leases and heartbeats are measured with)."""
+        with self._read() as conn:
+            return self._now(conn)
 
     # -- producers ---------------------------------------------------------------------------
 
@@ -109,6 +147,7 @@ class JobStore:
 
         Order: jobs of `prefer_model` first (and among them those of `prefer_affinity`), so a
         worker keeps its loaded model and LoRA; then priority (high first), then enqueue order.
+        Jobs this worker recently found it cannot read (`release_unreadable`) are skipped.
         """
         order = []
         if prefer_model is not None:
@@ -123,7 +162,8 @@ class JobStore:
             candidate = (
                 sa.select(jobs.c.id)
                 .where(jobs.c.state == QUEUED,
-                       sa.or_(jobs.c.run_after.is_(None), jobs.c.run_after <= now))
+                       sa.or_(jobs.c.run_after.is_(None), jobs.c.run_after <= now),
+                       ~self._unreadable_by(worker_id, now))
                 .order_by(*order)
                 .limit(1)
                 .with_for_update(skip_locked=True)
@@ -162,22 +202,31 @@ class JobStore:
             return result.rowcount == 1
 
     def finish(self, job_id: int, worker_id: str, result: dict) -> Job:
-        """running -> done, with the result (opaque JSON)."""
-        with self._write() as (conn, now):
-            return self._move(conn, now, job_id, (RUNNING,), DONE, owner=worker_id,
-                              result=result, lease_expires_at=None, finished_at=now)
+        """running -> done, with the result (opaque JSON).
 
-    def fail(self, job_id: int, worker_id: str, error: str, *,
-             retry_at: datetime | None) -> Job:
-        """running -> queued (not before `retry_at`) while attempts remain, else -> failed.
-
-        `retry_at=None` fails the job for good (a permanent error).
+        Done already by this same worker returns the job: the retry of a finish whose commit
+        went through before the connection dropped.
         """
         with self._write() as (conn, now):
             row = self._locked(conn, job_id)
-            if retry_at is not None and row is not None and row.attempts < row.max_attempts:
+            if row is not None and row.state is DONE and row.worker_id == worker_id:
+                return Job.from_row(row)
+            return self._apply(conn, now, job_id, row, (RUNNING,), DONE, owner=worker_id,
+                               result=result, lease_expires_at=None, finished_at=now)
+
+    def fail(self, job_id: int, worker_id: str, error: str, *,
+             retry_in: float | None) -> Job:
+        """running -> queued (not before `retry_in` seconds from now) while attempts remain,
+        else -> failed.
+
+        `retry_in=None` fails the job for good (a permanent error).
+        """
+        with self._write() as (conn, now):
+            row = self._locked(conn, job_id)
+            if retry_in is not None and row is not None and row.attempts < row.max_attempts:
                 return self._apply(conn, now, job_id, row, (RUNNING,), QUEUED, owner=worker_id,
-                                   message=error, last_error=error, run_after=retry_at,
+                                   message=error, last_error=error,
+                                   run_after=now + timedelta(seconds=retry_in),
                                    worker_id=None, lease_expires_at=None, progress=None)
             return self._apply(conn, now, job_id, row, (RUNNING,), FAILED, owner=worker_id,
                                message=error, last_error=error, lease_expires_at=None,
@@ -189,6 +238,24 @@ class JobStore:
             return self._move(conn, now, job_id, (RUNNING,), QUEUED, owner=worker_id,
                               message=reason, attempts=jobs.c.attempts - 1, worker_id=None,
                               lease_expires_at=None, progress=None)
+
+    def release_unreadable(self, job_id: int, worker_id: str, hostname: str, path: str, *,
+                           recheck_in: float) -> Job:
+        """running -> queued because this worker cannot read `path`, a file the job needs: the
+        attempt is given back, and this worker's claims skip the job for `recheck_in` seconds,
+        so workers that can read it take it meanwhile and no worker claims it over and over."""
+        message = f"worker {worker_id} on {hostname} cannot read {path}"
+        with self._write() as (conn, now):
+            job = self._move(conn, now, job_id, (RUNNING,), QUEUED, owner=worker_id,
+                             message=message, last_error=message,
+                             attempts=jobs.c.attempts - 1, worker_id=None,
+                             lease_expires_at=None, progress=None)
+            conn.execute(sa.delete(job_unreadable).where(job_unreadable.c.job_id == job_id,
+                                                         job_unreadable.c.worker_id == worker_id))
+            conn.execute(sa.insert(job_unreadable).values(
+                job_id=job_id, worker_id=worker_id, hostname=hostname, path=path, at=now,
+                until=now + timedelta(seconds=recheck_in)))
+            return job
 
     # -- supervision and operators -----------------------------------------------------------
 
@@ -237,7 +304,7 @@ class JobStore:
     # -- reads -------------------------------------------------------------------------------
 
     def get(self, job_id: int) -> Job | None:
-        with self._engine.connect() as conn:
+        with self._read() as conn:
             row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).one_or_none()
         return None if row is None else Job.from_row(row)
 
@@ -249,68 +316,134 @@ class JobStore:
             query = query.where(jobs.c.state.in_([JobState(s) for s in states]))
         if group is not None:
             query = query.where(jobs.c.group == group)
-        with self._engine.connect() as conn:
+        with self._read() as conn:
             return [Job.from_row(row) for row in conn.execute(query)]
 
     def counts(self) -> dict[JobState, int]:
         """Number of jobs per state; every state is present."""
         query = sa.select(jobs.c.state, sa.func.count()).group_by(jobs.c.state)
-        with self._engine.connect() as conn:
+        with self._read() as conn:
             found = dict(conn.execute(query).all())
         return {state: found.get(state, 0) for state in JobState}
+
+    def outstanding(self, worker_id: str) -> int:
+        """Running jobs, and queued ones this worker may still claim (now or after a retry
+        delay): zero means there is nothing left for it to do or wait for."""
+        with self._read() as conn:
+            now = self._now(conn)
+            return conn.scalar(sa.select(sa.func.count()).select_from(jobs).where(sa.or_(
+                jobs.c.state == RUNNING,
+                sa.and_(jobs.c.state == QUEUED, ~self._unreadable_by(worker_id, now)))))
+
+    def unreadable(self) -> list[Unreadable]:
+        """Marks on queued jobs: which worker could not read which file, oldest first."""
+        query = (sa.select(job_unreadable)
+                 .join(jobs, jobs.c.id == job_unreadable.c.job_id)
+                 .where(jobs.c.state == QUEUED)
+                 .order_by(job_unreadable.c.job_id, job_unreadable.c.at))
+        with self._read() as conn:
+            return [Unreadable.from_row(row) for row in conn.execute(query)]
 
     def events(self, job_id: int) -> list[JobEvent]:
         """The job's transitions, oldest first."""
         query = sa.select(job_events).where(job_events.c.job_id == job_id).order_by(job_events.c.id)
-        with self._engine.connect() as conn:
+        with self._read() as conn:
             return [JobEvent.from_row(row) for row in conn.execute(query)]
 
     # -- worker registry ---------------------------------------------------------------------
 
-    def register_worker(self, worker_id: str, hostname: str, pid: int) -> Worker:
+    def register_worker(self, worker_id: str, hostname: str, pid: int, *,
+                        device: str | None = None, probe: str | None = None) -> Worker:
         """Add the worker, replacing a stale entry with the same id."""
         with self._write() as (conn, now):
             conn.execute(sa.delete(workers).where(workers.c.id == worker_id))
             row = conn.execute(sa.insert(workers).values(
                 id=worker_id, hostname=hostname, pid=pid, started_at=now, last_heartbeat=now,
-                current_job_id=None,
+                current_job_id=None, device=device, model=None, gone_at=None, probe=probe,
             ).returning(workers)).one()
             return Worker.from_row(row)
 
-    def worker_heartbeat(self, worker_id: str, current_job_id: int | None) -> bool:
-        """Record that the worker is alive; False if it is not registered."""
+    def worker_heartbeat(self, worker_id: str, current_job_id: int | None, *,
+                         model: str | None = None) -> bool:
+        """Record that the worker is alive (live again if it was marked gone), its job and its
+        loaded model; False if it is not registered (pruned meanwhile: register again)."""
         with self._write() as (conn, now):
             result = conn.execute(
                 sa.update(workers).where(workers.c.id == worker_id)
-                .values(last_heartbeat=now, current_job_id=current_job_id)
+                .values(last_heartbeat=now, current_job_id=current_job_id, model=model,
+                        gone_at=None)
             )
             return result.rowcount == 1
+
+    def reap_workers(self, *, stale_after: float, forget_after: float) -> list[Worker]:
+        """Mark gone the workers without a heartbeat for `stale_after` seconds and return them;
+        delete those gone for `forget_after` seconds. Any worker may do this for all."""
+        with self._write() as (conn, now):
+            gone = conn.execute(
+                sa.update(workers)
+                .where(workers.c.gone_at.is_(None),
+                       workers.c.last_heartbeat <= now - timedelta(seconds=stale_after))
+                .values(gone_at=now, current_job_id=None)
+                .returning(workers)
+            ).all()
+            conn.execute(sa.delete(workers).where(
+                workers.c.gone_at <= now - timedelta(seconds=forget_after)))
+            return sorted((Worker.from_row(row) for row in gone), key=lambda w: w.id)
 
     def unregister_worker(self, worker_id: str) -> None:
         with self._write() as (conn, _now):
             conn.execute(sa.delete(workers).where(workers.c.id == worker_id))
 
     def workers(self) -> list[Worker]:
-        with self._engine.connect() as conn:
-            return [Worker.from_row(row)
-                    for row in conn.execute(sa.select(workers).order_by(workers.c.id))]
+        """Every registered worker, live or gone, by host, device and id."""
+        query = sa.select(workers).order_by(workers.c.hostname, workers.c.device, workers.c.id)
+        with self._read() as conn:
+            return [Worker.from_row(row) for row in conn.execute(query)]
 
     # -- internals ---------------------------------------------------------------------------
 
     @contextmanager
     def _write(self) -> Iterator[tuple[Connection, datetime]]:
         """A write transaction and its time, read once the write lock is held."""
-        with self._writer.begin() as conn:
-            yield conn, self._now()
+        with self._unavailable_as_error(), self._writer.begin() as conn:
+            yield conn, self._now(conn)
 
-    def _now(self) -> datetime:
-        now = self._clock()
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        with self._unavailable_as_error(), self._engine.connect() as conn:
+            yield conn
+
+    @contextmanager
+    def _unavailable_as_error(self) -> Iterator[None]:
+        """Connection trouble becomes DatabaseUnavailable; errors of the statement stay as they are."""
+        try:
+            yield
+        except sa.exc.DBAPIError as exc:
+            if not _is_unavailable(exc, self._engine.dialect.name):
+                raise
+            reason = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else str(exc)
+            raise DatabaseUnavailable(f"database unreachable: {reason}") from exc
+
+    def _now(self, conn: Connection) -> datetime:
+        if self._clock is not None:
+            now = self._clock()
+        elif conn.dialect.name == "sqlite":
+            now = utcnow()
+        else:
+            now = conn.scalar(sa.select(sa.func.now()))
         if now.tzinfo is None:
             raise ValueError(f"the clock returned naive datetime {now!r}")
         return now.astimezone(timezone.utc)
 
+    @staticmethod
+    def _unreadable_by(worker_id: str, now: datetime) -> sa.ColumnElement[bool]:
+        """The job has a mark of this worker that has not expired."""
+        return sa.exists().where(job_unreadable.c.job_id == jobs.c.id,
+                                 job_unreadable.c.worker_id == worker_id,
+                                 job_unreadable.c.until > now)
+
     def _find_key(self, key: str) -> Job | None:
-        with self._engine.connect() as conn:
+        with self._read() as conn:
             row = conn.execute(sa.select(jobs).where(jobs.c.key == key)).one_or_none()
         return None if row is None else Job.from_row(row)
 
@@ -359,6 +492,18 @@ def _mismatch(job_id: int, expected: tuple[JobState, ...], owner: str | None,
         return f"job {job_id} does not exist (expected {wanted})"
     found = row.state.value + (f" under worker {row.worker_id}" if row.worker_id else "")
     return f"job {job_id} is {found}, expected {wanted}"
+
+
+def _is_unavailable(exc: sa.exc.DBAPIError, dialect: str) -> bool:
+    if exc.connection_invalidated:
+        return True
+    if not isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError)):
+        return False
+    if dialect == "sqlite":
+        return str(exc.orig).lower().startswith(_SQLITE_UNAVAILABLE)
+    # PostgreSQL drivers raise these for a lost or refused connection, a server shutting down or
+    # starting up, and transient conflicts (deadlock, serialization): all worth a retry.
+    return True
 
 
 def _configure_sqlite(engine: sa.Engine, busy_timeout: float) -> None:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import multiprocessing
-import os
 import sqlite3
 import threading
 import time
@@ -14,11 +13,11 @@ import pytest
 import sqlalchemy as sa
 
 from previewd.errors import JobStateError
-from previewd.queue import JobState, JobStore
-from previewd.queue.schema import metadata
+import pgserver
+from previewd.queue import DatabaseUnavailable, JobState, JobStore
 from previewd.queue.states import is_allowed
+from pgserver import PG_URL, fresh_database
 
-PG_URL = os.environ.get("PREVIEWD_TEST_PG_URL")
 LEASE = 30.0
 
 
@@ -189,7 +188,7 @@ class StoreContract:
         job = add(store, "a")
         store.claim("w1", lease_seconds=LEASE)
         for call in (lambda: store.finish(job.id, "w2", {}),
-                     lambda: store.fail(job.id, "w2", "boom", retry_at=None),
+                     lambda: store.fail(job.id, "w2", "boom", retry_in=None),
                      lambda: store.release(job.id, "w2", "shutdown")):
             with pytest.raises(JobStateError, match="under worker w1, expected running under "
                                                     "worker w2"):
@@ -271,8 +270,7 @@ class StoreContract:
     def test_transient_failure_waits_for_run_after(self, store, clock):
         job = add(store, "a")
         store.claim("w1", lease_seconds=LEASE)
-        failed = store.fail(job.id, "w1", "CUDA out of memory",
-                            retry_at=clock.now + timedelta(seconds=20))
+        failed = store.fail(job.id, "w1", "CUDA out of memory", retry_in=20)
         assert failed.state is JobState.QUEUED
         assert failed.run_after == clock.now + timedelta(seconds=20)
         assert failed.last_error == "CUDA out of memory"
@@ -287,13 +285,13 @@ class StoreContract:
         waiting = add(store, "waiting", priority=9)
         other = add(store, "other")
         store.claim("w1", lease_seconds=LEASE)
-        store.fail(waiting.id, "w1", "oom", retry_at=clock.now + timedelta(seconds=60))
+        store.fail(waiting.id, "w1", "oom", retry_in=60)
         assert store.claim("w1", lease_seconds=LEASE).id == other.id
 
-    def test_failure_without_retry_at_is_final(self, store):
+    def test_failure_without_retry_in_is_final(self, store):
         job = add(store, "a")
         store.claim("w1", lease_seconds=LEASE)
-        failed = store.fail(job.id, "w1", "LoRA keys do not match", retry_at=None)
+        failed = store.fail(job.id, "w1", "LoRA keys do not match", retry_in=None)
         assert failed.state is JobState.FAILED
         assert failed.last_error == "LoRA keys do not match"
         assert failed.finished_at is not None
@@ -302,7 +300,7 @@ class StoreContract:
         job = add(store, "a", max_attempts=2)
         for _ in range(2):
             store.claim("w1", lease_seconds=LEASE)
-            last = store.fail(job.id, "w1", "oom", retry_at=clock.now)
+            last = store.fail(job.id, "w1", "oom", retry_in=0)
         assert last.state is JobState.FAILED
         assert last.attempts == 2
 
@@ -310,7 +308,7 @@ class StoreContract:
         failed = add(store, "a", max_attempts=1)
         cancelled = add(store, "b")
         store.claim("w1", lease_seconds=LEASE)
-        store.fail(failed.id, "w1", "boom", retry_at=None)
+        store.fail(failed.id, "w1", "boom", retry_in=None)
         store.cancel([cancelled.id])
         retried = store.retry([failed.id, cancelled.id, failed.id])
         assert [(j.id, j.state, j.attempts, j.last_error) for j in retried] == [
@@ -352,7 +350,7 @@ class StoreContract:
         job = add(store, "a")
         store.claim("w1", lease_seconds=LEASE)
         clock.advance(1)
-        store.fail(job.id, "w1", "oom", retry_at=clock.now)
+        store.fail(job.id, "w1", "oom", retry_in=0)
         store.claim("w2", lease_seconds=LEASE)
         store.finish(job.id, "w2", {})
         events = store.events(job.id)
@@ -383,18 +381,93 @@ class StoreContract:
 
     def test_worker_registry(self, store, clock):
         job = add(store, "a")
-        worker = store.register_worker("w1", "gpu-host", 4242)
-        assert (worker.hostname, worker.pid, worker.current_job_id) == ("gpu-host", 4242, None)
+        worker = store.register_worker("w1", "gpu-host", 4242, device="cuda:1", probe="/state/.probe-w1")
+        assert (worker.hostname, worker.pid, worker.device, worker.probe, worker.current_job_id, worker.model,
+                worker.gone_at) == ("gpu-host", 4242, "cuda:1", "/state/.probe-w1", None, None, None)
         clock.advance(10)
-        assert store.worker_heartbeat("w1", job.id)
+        assert store.worker_heartbeat("w1", job.id, model="flux2")
         [seen] = store.workers()
-        assert (seen.last_heartbeat, seen.current_job_id) == (clock.now, job.id)
+        assert (seen.last_heartbeat, seen.current_job_id, seen.model) == (clock.now, job.id, "flux2")
         assert seen.started_at == worker.started_at
         store.register_worker("w1", "gpu-host", 5151)
         assert [w.pid for w in store.workers()] == [5151]
         store.unregister_worker("w1")
         assert store.workers() == []
         assert not store.worker_heartbeat("w1", None)
+
+    def test_workers_are_listed_by_host_and_device(self, store):
+        for worker_id, host, device in [("w1", "b", "cuda:0"), ("w2", "a", "cuda:1"), ("w3", "a", "cuda:0")]:
+            store.register_worker(worker_id, host, 1, device=device)
+        assert [w.id for w in store.workers()] == ["w3", "w2", "w1"]
+
+    def test_silent_workers_are_marked_gone_then_forgotten(self, store, clock):
+        job = add(store, "a")
+        store.register_worker("quiet", "host-a", 1, device="cuda:0")
+        store.register_worker("busy", "host-b", 2, device="cuda:0")
+        store.worker_heartbeat("quiet", job.id)
+        clock.advance(LEASE - 1)
+        store.worker_heartbeat("busy", None)
+        assert store.reap_workers(stale_after=LEASE, forget_after=3600) == []
+        clock.advance(1)
+        [gone] = store.reap_workers(stale_after=LEASE, forget_after=3600)
+        assert (gone.id, gone.gone_at, gone.current_job_id) == ("quiet", clock.now, None)
+        assert store.reap_workers(stale_after=LEASE, forget_after=3600) == []  # once
+        # A worker that was only cut off (a long database outage) is live again on its next beat.
+        assert store.worker_heartbeat("quiet", None)
+        assert all(w.gone_at is None for w in store.workers())
+        clock.advance(LEASE)
+        assert {w.id for w in store.reap_workers(stale_after=LEASE, forget_after=3600)} == {"quiet", "busy"}
+        clock.advance(3600)
+        store.reap_workers(stale_after=LEASE, forget_after=3600)
+        assert store.workers() == []
+
+    # -- files a worker cannot read ----------------------------------------------------------
+
+    def test_unreadable_job_is_left_to_other_workers_and_rechecked_later(self, store, clock):
+        job = add(store, "a", priority=1)
+        other = add(store, "b")
+        assert store.claim("w1", lease_seconds=LEASE).id == job.id
+        released = store.release_unreadable(job.id, "w1", "host-a", "/state/checkpoints/x.safetensors",
+                                            recheck_in=300)
+        assert (released.state, released.attempts, released.worker_id) == (JobState.QUEUED, 0, None)
+        assert released.last_error == "worker w1 on host-a cannot read /state/checkpoints/x.safetensors"
+        assert store.events(job.id)[-1].message == released.last_error
+        [mark] = store.unreadable()
+        assert (mark.job_id, mark.worker_id, mark.hostname, mark.until) == (
+            job.id, "w1", "host-a", clock.now + timedelta(seconds=300))
+        # w1 passes over it (no claim loop); the others still see it first.
+        assert store.claim("w1", lease_seconds=LEASE).id == other.id
+        assert store.claim("w1", lease_seconds=LEASE) is None
+        assert store.outstanding("w1") == 1  # only its own running job
+        store.finish(other.id, "w1", {})
+        assert store.outstanding("w1") == 0 and store.outstanding("w2") == 1
+        clock.advance(300)
+        assert store.outstanding("w1") == 1
+        assert store.claim("w1", lease_seconds=LEASE).id == job.id
+        # Again unreadable: the mark is renewed, not doubled; done jobs' marks are not listed.
+        store.release_unreadable(job.id, "w1", "host-a", "/x", recheck_in=300)
+        assert [m.path for m in store.unreadable()] == ["/x"]
+        store.claim("w2", lease_seconds=LEASE)
+        store.finish(job.id, "w2", {})
+        assert store.unreadable() == []
+
+    def test_outstanding_counts_delayed_retries(self, store):
+        job = add(store, "a")
+        store.claim("w1", lease_seconds=LEASE)
+        store.fail(job.id, "w1", "oom", retry_in=60)
+        assert store.claim("w1", lease_seconds=LEASE) is None
+        assert store.outstanding("w1") == 1
+
+    # -- the database going away ---------------------------------------------------------------
+
+    def test_a_retried_finish_whose_first_commit_went_through_returns_the_job(self, store):
+        job = add(store, "a")
+        store.claim("w1", lease_seconds=LEASE)
+        done = store.finish(job.id, "w1", {"image": "a.png"})
+        assert store.finish(job.id, "w1", {"image": "a.png"}) == done
+        with pytest.raises(JobStateError, match="is done under worker w1"):
+            store.finish(job.id, "w2", {})
+        assert [e.to_state for e in store.events(job.id)].count(JobState.DONE) == 1
 
     def test_worker_current_job_must_exist(self, store):
         store.register_worker("w1", "gpu-host", 1)
@@ -453,13 +526,59 @@ class TestSqliteStore(StoreContract):
         with sqlite3.connect(tmp_path / "previewd.db") as conn:
             assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
 
+    def test_locked_beyond_the_busy_timeout_is_unavailable_not_fatal(self, store, url, tmp_path):
+        job = add(store, "a")
+        impatient = JobStore(url, busy_timeout=0.1)
+        holder = sqlite3.connect(tmp_path / "previewd.db", isolation_level=None)
+        holder.execute("BEGIN EXCLUSIVE")
+        try:
+            with pytest.raises(DatabaseUnavailable, match="database unreachable: database is locked"):
+                impatient.claim("w1", lease_seconds=LEASE)
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        assert impatient.claim("w1", lease_seconds=LEASE).id == job.id
+        impatient.close()
+
+    def test_errors_of_the_statement_are_not_unavailability(self, tmp_path):
+        with JobStore(f"sqlite:///{tmp_path / 'empty.db'}") as store:
+            with pytest.raises(sa.exc.OperationalError, match="no such table"):
+                store.counts()
+
 
 @pytest.mark.skipif(not PG_URL, reason="set PREVIEWD_TEST_PG_URL to run against PostgreSQL")
 class TestPostgresStore(StoreContract):
     @pytest.fixture
     def url(self):
-        engine = sa.create_engine(PG_URL)
-        metadata.drop_all(engine)
-        yield PG_URL
-        metadata.drop_all(engine)
-        engine.dispose()
+        with fresh_database() as url:
+            yield url
+
+    def test_leases_use_the_database_clock_not_the_hosts(self, url, monkeypatch):
+        monkeypatch.setattr("previewd.queue.store.utcnow", lambda: datetime.now(timezone.utc) + timedelta(hours=2))
+        with JobStore(url) as skewed, JobStore(url) as other:
+            skewed.create_schema()
+            job = add(skewed, "a")
+            claimed = skewed.claim("w1", lease_seconds=LEASE)
+            lease_left = (claimed.lease_expires_at - other.now()).total_seconds()
+            assert LEASE - 5 < lease_left <= LEASE
+            assert other.requeue_expired() == []  # a host two hours ahead takes nothing early
+            assert skewed.requeue_expired() == []
+            assert skewed.get(job.id).state is JobState.RUNNING
+
+    def test_unreachable_server_is_unavailable(self):
+        dead = "postgresql+psycopg://postgres@/postgres?host=/nonexistent-previewd&port=1"
+        with JobStore(dead) as store, pytest.raises(DatabaseUnavailable, match="database unreachable"):
+            store.claim("w1", lease_seconds=LEASE)
+
+    def test_store_carries_on_after_a_server_restart(self, store):
+        if pgserver.control("status").returncode == 4:
+            pytest.skip("the test server was not started by .ci/postgres.sh: it cannot be restarted")
+        job = add(store, "a")
+        assert pgserver.control("stop").returncode == 0
+        try:
+            with pytest.raises(DatabaseUnavailable):
+                store.claim("w1", lease_seconds=LEASE)
+        finally:
+            assert pgserver.control("start").returncode == 0
+        # The pool's connections died with the server: pre-ping replaces them.
+        assert store.claim("w1", lease_seconds=LEASE).id == job.id

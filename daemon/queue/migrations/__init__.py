@@ -1,0 +1,1 @@
+"""Alembic migrations of the queue's schema; `previewd.queue.migrate` runs them."""
