@@ -318,7 +318,6 @@ class _QwenPreview:
             "lora": lora_record,
             **self._te_record(spec, call.controls),
             **call_record,
-            "versions": _versions(),
         }
 
 
@@ -338,14 +337,6 @@ def _step_callback(spec: RenderSpec, on_step: StepCallback | None, should_stop: 
         return {"latents": latents}
 
     return callback
-
-
-def _versions() -> dict[str, str]:
-    import diffusers
-    import transformers
-
-    return {"torch": torch.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__}
 
 
 class QwenImagePreview(_QwenPreview):
