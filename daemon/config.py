@@ -7,7 +7,7 @@ never silently falls back to a default.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -41,8 +41,29 @@ class WorkerConfig(_Strict):
     retry_delay_seconds: float = Field(10.0, ge=0)
     idle_poll_seconds: float = Field(2.0, gt=0)
     min_free_vram_gb: float = Field(0.0, ge=0)
-    """On CUDA, wait until this much device memory is free before loading a model (training shares the GPU)."""
+    """On CUDA, wait until at least this much device memory is free before loading a model, and at
+    least the model's planned peak (memory:) in any case: training shares the GPU."""
     shutdown_timeout_seconds: float = Field(30.0, ge=0)
+
+
+Placement = Literal["resident", "te_offload", "model_offload", "group_offload"]
+PLACEMENTS: tuple[str, ...] = Placement.__args__  # type: ignore[attr-defined]
+
+
+class MemoryConfig(_Strict):
+    """How a model is laid out on the device (previewd.pipelines.memory plans it before loading)."""
+
+    budget_gb: Annotated[float, Field(gt=0)] | Literal["auto"] = "auto"
+    """Device memory previewd may use, in GiB; auto: what is free on the device when a model loads."""
+    placement: Placement | Literal["auto"] = "auto"
+    """auto: the fastest placement whose planned peak fits the budget; or always this one."""
+    quantize_to_fit: Literal["none", "qfloat8"] = "none"
+    """A full-precision run that fits only with group offload renders quantised instead (faster; the
+    render records the parity gap)."""
+    reserve_gb: float = Field(1.0, ge=0)
+    """Kept free beside the planned peak: CUDA context, library workspaces, allocator fragmentation."""
+    idle_release_minutes: float = Field(0.0, ge=0)
+    """Unload the model after this long without a job, giving the memory back to training; 0: never."""
 
 
 class OutputConfig(_Strict):
@@ -72,6 +93,7 @@ class Config(_Strict):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     watch: WatchConfig = WatchConfig()
     worker: WorkerConfig = WorkerConfig()
+    memory: MemoryConfig = MemoryConfig()
     output: OutputConfig = OutputConfig()
     models: dict[str, ModelSource] = Field(default_factory=dict)
 

@@ -16,12 +16,26 @@ from previewd.config import Config
 from previewd.fileio import write_missing
 from previewd.intake.planner import JOB_CONFIG, Plan, Planner
 from previewd.queue.store import JobStore
-from previewd.spec import LoraSpec
+from previewd.spec import LoraSpec, RenderSpec
 from previewd.tasks import RenderTask
 
 log = logging.getLogger(__name__)
 
 IGNORED_SUFFIXES = (".tmp", ".partial", ".part", rejections.ERROR_SUFFIX, ".lock")
+
+
+def lora_affinity(spec: RenderSpec) -> str | None:
+    """The queue's affinity of a render: its checkpoint and multiplier, so that a worker takes the
+    jobs of the LoRA it has applied, at the multiplier it has applied, one after the other (a
+    multiplier change re-fuses or re-merges the LoRA)."""
+    if spec.lora is None:
+        return None
+    return f"{spec.lora.sha256 or spec.lora.path}:{float(spec.lora.network_multiplier)!r}"
+
+
+def affinity_checkpoint(affinity: str) -> str:
+    """The checkpoint's sha256 in an affinity (jobs queued before multipliers joined it hold it alone)."""
+    return affinity.rpartition(":")[0] if ":" in affinity else affinity
 
 
 class Dispatcher:
@@ -94,7 +108,7 @@ class Dispatcher:
         for task in tasks:
             _job, created = self._store.enqueue(
                 key=task.idempotency_key(), payload=task.model_dump(mode="json"), model=task.spec.model,
-                group=task.target.out_dir, affinity=task.spec.lora.sha256 if task.spec.lora else None,
+                group=task.target.out_dir, affinity=lora_affinity(task.spec),
                 max_attempts=self._config.worker.max_attempts)
             queued += created
         log.info("%s: %d job(s) queued, %d already known", source, queued, len(tasks) - queued)

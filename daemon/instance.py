@@ -62,10 +62,28 @@ worker:
   retry_delay_seconds: 10
   # How often an idle worker looks for work (seconds).
   idle_poll_seconds: {idle_poll_seconds}
-  # On CUDA, wait until this much GPU memory (GiB) is free before loading a model.
+  # On CUDA, wait until at least this much GPU memory (GiB) is free before loading a model; the
+  # model's planned peak (memory: below) is waited for in any case.
   min_free_vram_gb: 0
   # How long a stopping daemon waits for the current step before it exits anyway (seconds).
   shutdown_timeout_seconds: 30
+
+# Before loading a model previewd computes what each component needs (from the safetensors headers
+# and configs) and places it to fit; `previewd plan -c CONFIG` prints the plan without loading.
+memory:
+  # GPU memory previewd may use (GiB), or auto: what is free when a model loads.
+  budget_gb: auto
+  # auto: the fastest placement that fits the budget, or always one of: resident (all on the GPU),
+  # te_offload (text encoder in host RAM, used only for prompts not yet cached), model_offload
+  # (each component on the GPU only while it runs), group_offload (blocks streamed to the GPU).
+  placement: auto
+  # none, or qfloat8: a full-precision run that would need group_offload renders with a qfloat8
+  # transformer and text encoder instead (much faster; renders record the parity gap).
+  quantize_to_fit: none
+  # GiB kept free beside the planned peak (CUDA context, workspaces, fragmentation).
+  reserve_gb: 1
+  # Unload the model after this many minutes without a job (gives the GPU back to training); 0: never.
+  idle_release_minutes: 0
 
 output:
   # Image format: png (lossless, carries the render record) or jpg.

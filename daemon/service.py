@@ -27,7 +27,7 @@ from sqlalchemy.engine import make_url
 
 from previewd import shared_state, snapshots
 from previewd.config import Config
-from previewd.dispatch import Dispatcher
+from previewd.dispatch import Dispatcher, affinity_checkpoint
 from previewd.inbox import InboxWatcher
 from previewd.notify import notify
 from previewd.queue import DatabaseUnavailable
@@ -142,7 +142,7 @@ class Service:
             return
         self._last_prune = now
         # Failed and cancelled jobs can be retried, so their checkpoints stay too.
-        keep = {job.affinity for job in self._store.list_jobs(
+        keep = {affinity_checkpoint(job.affinity) for job in self._store.list_jobs(
             states=[JobState.QUEUED, JobState.RUNNING, JobState.FAILED, JobState.CANCELLED]) if job.affinity}
         # Snapshot ages by the file server's clock: this host's may be off.
         snapshots.prune(self.config.snapshot_dir, keep, min_age_seconds=_SNAPSHOT_MIN_AGE,

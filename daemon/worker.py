@@ -18,6 +18,7 @@ from typing import Any, Callable
 from previewd import outbox, shared_state
 from previewd.aitk_samples import find_samples
 from previewd.config import Config
+from previewd.dispatch import lora_affinity
 from previewd.errors import JobStateError, PipelineError, PipelineOutOfMemory, RenderInterrupted
 from previewd.manifest import ControlRef, RenderEntry
 from previewd.queue import DatabaseUnavailable, Job, JobState, JobStore
@@ -29,6 +30,9 @@ log = logging.getLogger(__name__)
 
 # A worker that cannot read a job's files skips the job this long before it looks again.
 _RECHECK_UNREADABLE_SECONDS = 300.0
+
+# How often a wait for device memory checks for a stop request (seconds).
+_STOP_CHECK_SECONDS = 0.1
 
 _VERSIONED = ("previewd", "torch", "diffusers", "transformers", "peft", "optimum-quanto")
 
@@ -44,7 +48,13 @@ def library_versions() -> dict[str, str]:
 
 
 class Renderer:
-    """Keeps one pipeline loaded; swaps models only when a task needs another one."""
+    """Keeps one pipeline loaded; swaps models only when a task needs another one.
+
+    Before a load it asks the pipeline for its memory plan (previewd.pipelines.memory) and waits
+    until the device has the plan's bytes free: training shares the GPU. The wait stops as soon as
+    the render's `should_stop` says so. After `memory.idle_release_minutes` without a render the
+    pipeline is unloaded (`release_if_idle`).
+    """
 
     def __init__(self, config: Config, factory: Callable[..., Any] | None = None):
         self._config = config
@@ -52,12 +62,16 @@ class Renderer:
         self._pipeline = None
         self._source: ModelSource | None = None
         self.model: str | None = None
-        self.lora_sha: str | None = None
+        self.affinity: str | None = None
+        """The loaded (checkpoint, multiplier) as the queue's affinity (dispatch.lora_affinity)."""
+        self.plan = None
+        self._last_used = time.monotonic()
         self._versions = library_versions()
 
-    def _get(self, model_id: str, base: str | None):
-        source = self._config.model_source(model_id, base)
-        if self.model == model_id and self._source == source and self._pipeline is not None:
+    def _get(self, task: RenderTask, should_stop: Callable[[], bool] | None):
+        spec = task.spec
+        source = self._config.model_source(spec.model, spec.base)
+        if self.model == spec.model and self._source == source and self._pipeline is not None:
             return self._pipeline
         self.close()
         factory = self._factory
@@ -65,33 +79,66 @@ class Renderer:
             from previewd import pipelines
 
             factory = pipelines.create
-        pipeline = factory(model_id, source, device=self._config.device, dtype=self._config.dtype)
-        self._wait_for_memory(getattr(pipeline, "device", "cpu"))
+        pipeline = factory(spec.model, source, device=self._config.device, dtype=self._config.dtype)
+        device = str(getattr(pipeline, "device", "cpu"))
+        plan = self._plan(pipeline, spec)
+        self._wait_for_memory(device, plan.peak_bytes if plan is not None else 0, should_stop)
         started = time.monotonic()
         pipeline.load()
-        log.info("loaded %s from %s in %.1fs", model_id, source.path, time.monotonic() - started)
-        self._pipeline, self.model, self._source = pipeline, model_id, source
+        log.info("loaded %s from %s in %.1fs", spec.model, source.path, time.monotonic() - started)
+        self._pipeline, self.model, self._source, self.plan = pipeline, spec.model, source, plan
         return pipeline
 
-    def _wait_for_memory(self, device: str) -> None:
-        """Training shares the GPU: wait until the configured amount of device memory is free."""
-        wanted = self._config.worker.min_free_vram_gb * 2**30
-        if wanted <= 0 or not str(device).startswith("cuda"):
-            return
-        from previewd.pipelines.device import free_bytes
+    def _plan(self, pipeline, spec):
+        """The pipeline's memory plan (stand-in pipelines without one have none), logged."""
+        plan_memory = getattr(pipeline, "plan_memory", None)
+        if plan_memory is None:
+            return None
+        plan = plan_memory(self._config.memory, spec.lora.path if spec.lora else None)
+        log.log(logging.INFO if plan.fits else logging.WARNING, "memory plan: %s", plan.summary())
+        return plan
 
-        while (free := free_bytes(device)) is not None and free < wanted:
-            log.info("waiting for %.1f GiB free on %s (%.1f GiB free)", wanted / 2**30, device, free / 2**30)
-            time.sleep(self._config.worker.idle_poll_seconds)
+    def _wait_for_memory(self, device: str, planned: int, should_stop: Callable[[], bool] | None) -> None:
+        """Training shares the GPU: wait until the plan's bytes (and at least worker.min_free_vram_gb)
+        are free. Logs when the free amount changes, not every poll; RenderInterrupted on a stop."""
+        wanted = max(planned, int(self._config.worker.min_free_vram_gb * 2**30))
+        if wanted <= 0 or not device.startswith("cuda"):
+            return
+        from previewd.pipelines import device as devices
+
+        reported = None
+        while (free := devices.free_bytes(device)) is not None and free < wanted:
+            shown = round(free / 2**30, 1)
+            if shown != reported:
+                log.info("waiting for %.1f GiB free on %s (%.1f GiB free)", wanted / 2**30, device, shown)
+                reported = shown
+            deadline = time.monotonic() + self._config.worker.idle_poll_seconds
+            while time.monotonic() < deadline:
+                if should_stop is not None and should_stop():
+                    raise RenderInterrupted(f"stopped while waiting for {wanted / 2**30:.1f} GiB on {device}")
+                time.sleep(min(_STOP_CHECK_SECONDS, max(0.0, deadline - time.monotonic())))
+        if reported is not None:
+            log.info("%.1f GiB free on %s: loading", free / 2**30, device)
+
+    def release_if_idle(self) -> bool:
+        """Unload the pipeline after memory.idle_release_minutes without a render; True if it did."""
+        minutes = self._config.memory.idle_release_minutes
+        if self._pipeline is None or minutes <= 0 or time.monotonic() - self._last_used < minutes * 60:
+            return False
+        log.info("%s idle for %.0f min: unloading it to give the memory back", self.model, minutes)
+        self.close()
+        return True
 
     def render(self, task: RenderTask, *, on_step=None, should_stop=None) -> RenderResult:
         try:
-            result = self._get(task.spec.model, task.spec.base).render(task.spec, on_step=on_step, should_stop=should_stop)
+            result = self._get(task, should_stop).render(task.spec, on_step=on_step, should_stop=should_stop)
         except PipelineOutOfMemory as exc:
             message = str(exc)
         else:
-            self.lora_sha = task.spec.lora.sha256 if task.spec.lora else None
+            self.affinity = lora_affinity(task.spec)
             return result
+        finally:
+            self._last_used = time.monotonic()
         # Outside the except block, so no traceback frame still holds the pipeline's tensors when it
         # is released: training shares the GPU, give the memory back and let the retry wait for it.
         self.close()
@@ -116,7 +163,7 @@ class Renderer:
     def close(self) -> None:
         if self._pipeline is not None:
             self._pipeline.unload()
-        self._pipeline, self._source, self.model, self.lora_sha = None, None, None, None
+        self._pipeline, self._source, self.model, self.affinity, self.plan = None, None, None, None, None
 
 
 class Worker:
@@ -143,8 +190,9 @@ class Worker:
     def run_once(self, stop: threading.Event) -> bool:
         """Claim and run one job. False when there was nothing to do."""
         job = self._store.claim(self._worker, lease_seconds=self._config.worker.lease_seconds,
-                                prefer_model=self._renderer.model, prefer_affinity=self._renderer.lora_sha)
+                                prefer_model=self._renderer.model, prefer_affinity=self._renderer.affinity)
         if job is None:
+            self._renderer.release_if_idle()
             return False
         self._lost.clear()
         self.progress = None

@@ -53,7 +53,7 @@ def test_checkpoint_of_a_run_queues_one_job_per_sample_prompt(setup):
     assert tasks[1].spec.seed == 7 and tasks[0].spec.seed == 42
     snap = Path(tasks[0].spec.lora.path)
     assert snap.parent == config.snapshot_dir and snap.stem == tasks[0].spec.lora.sha256
-    assert jobs[0].affinity == tasks[0].spec.lora.sha256
+    assert jobs[0].affinity == f"{tasks[0].spec.lora.sha256}:1.0"
     # The same file again (rescan, restart, the run's config.yaml re-read): nothing new.
     dispatcher.handle(ckpt)
     dispatcher.handle(run / "config.yaml")
