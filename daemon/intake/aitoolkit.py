@@ -27,7 +27,7 @@ from previewd.intake.controls import ControlResolver, ResolveImage
 from previewd.intake.paths import is_url, resolve_path
 from previewd.intake.prompt_flags import (RANDOM_SEED, TORCH_SEEDS, PromptFlagError, aitk_seeds, floor_size,
                                           inject_trigger, parse_prompt_flags, torch_seed)
-from previewd.spec import AitkOptions, ControlImage, LoraSpec, RenderSpec
+from previewd.spec import NUMBERED_CONTROL_SLOTS, AitkOptions, ControlImage, LoraSpec, RenderSpec
 from previewd.validation_errors import did_you_mean, format_validation_error
 
 KIND = "aitk-job"
@@ -640,12 +640,12 @@ def _controls(where: str, item: SampleItemSettings, flag_ctrl_img: str | None,
                                 f"raises NotImplementedError for `ctrl_img`)")
             return None
         chosen: dict[str, str | None] = {}
-        ignored = [s for s in ("ctrl_img_1", "ctrl_img_2", "ctrl_img_3") if s in item.model_fields_set and given[s]]
+        ignored = [s for s in NUMBERED_CONTROL_SLOTS if s in item.model_fields_set and given[s]]
     elif info.control == "single":
         # qwen_image_edit.py hands the pipeline `ctrl_img` only; its text encoder reads the first
         # of ctrl_img, ctrl_img_1.. which is then `ctrl_img` too.
         chosen = {"ctrl_img": given["ctrl_img"]}
-        ignored = [s for s in ("ctrl_img_1", "ctrl_img_2", "ctrl_img_3")
+        ignored = [s for s in NUMBERED_CONTROL_SLOTS
                    if s in item.model_fields_set and given[s] and given[s] != given["ctrl_img"]]
     elif info.control == "multi":
         chosen = given  # encoded as ai-toolkit's list [ctrl_img?, ctrl_img_1?, _2?, _3?]

@@ -29,16 +29,15 @@ from previewd.pipelines.flux2 import text as flux2_text
 from previewd.pipelines.flux2 import vae as flux2_vae
 from previewd.pipelines.lru import LruCache
 from previewd.pipelines.model_sources import resolve_source
-from previewd.spec import ModelSource, RenderResult, RenderSpec
+from previewd.spec import NUMBERED_CONTROL_SLOTS, ModelSource, RenderResult, RenderSpec
 
-CONTROL_ORDER = ("ctrl_img_1", "ctrl_img_2", "ctrl_img_3")
 PROMPT_CACHE_SIZE = 32
 _SEED_LIMIT = 2 ** 31
 
 
 def control_images(spec: RenderSpec) -> list[Image.Image]:
     """ai-toolkit's order: `ctrl_img`, else `ctrl_img_1`, then `ctrl_img_2` and `ctrl_img_3`."""
-    slots = ["ctrl_img" if spec.control("ctrl_img") else "ctrl_img_1", *CONTROL_ORDER[1:]]
+    slots = ["ctrl_img" if spec.control("ctrl_img") else "ctrl_img_1", *NUMBERED_CONTROL_SLOTS[1:]]
     images = []
     for slot in slots:
         control = spec.control(slot)

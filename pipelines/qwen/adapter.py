@@ -47,7 +47,7 @@ from previewd.pipelines.qwen.encode import (
     text_encoder_tensor,
 )
 from previewd.pipelines.qwen.lora_state import LoraMode, QwenLoraState
-from previewd.spec import ModelSource, RenderResult, RenderSpec
+from previewd.spec import NUMBERED_CONTROL_SLOTS, ModelSource, RenderResult, RenderSpec
 
 logger = logging.getLogger(__name__)
 
@@ -203,8 +203,8 @@ class _QwenPreview:
             problems.append(f"control_images: {self.model_id} takes only `ctrl_img` "
                             f"(got {', '.join(sorted(slots))})")
         if self.control_kind == "multi":
-            numbered = [s for s in ("ctrl_img_1", "ctrl_img_2", "ctrl_img_3") if s in slots]
-            expected = ["ctrl_img_1", "ctrl_img_2", "ctrl_img_3"][: len(numbered)]
+            numbered = [s for s in NUMBERED_CONTROL_SLOTS if s in slots]
+            expected = list(NUMBERED_CONTROL_SLOTS[: len(numbered)])
             if numbered and numbered != expected:
                 problems.append(f"control_images: slots must be filled in order from ctrl_img_1 "
                                 f"(got {', '.join(numbered)})")

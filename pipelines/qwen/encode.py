@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from previewd.errors import ControlImageError
-from previewd.spec import RenderSpec
+from previewd.spec import NUMBERED_CONTROL_SLOTS, RenderSpec
 
 EDIT_TE_AREA = 1024 * 1024
 """ai-toolkit runs the edit model's text-encoder image at about 1 MP (qwen_image_edit.py)."""
@@ -51,7 +51,7 @@ def plan_controls(spec: RenderSpec, kind: str, images: dict[str, Image.Image]) -
     if kind == "single":
         pair = (("ctrl_img", images["ctrl_img"]),)
         return ControlPlan(text_encoder=pair, vae=pair)
-    numbered = [(s, images[s]) for s in ("ctrl_img_1", "ctrl_img_2", "ctrl_img_3") if s in images]
+    numbered = [(s, images[s]) for s in NUMBERED_CONTROL_SLOTS if s in images]
     if spec.parity == "reference":
         chosen = tuple(numbered) if numbered else (("ctrl_img", images["ctrl_img"]),)
         return ControlPlan(text_encoder=chosen, vae=chosen)
