@@ -8,30 +8,34 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
-from previewd.config import Config, load_config
+from previewd.config import Config, find_config, load_config
 from previewd.errors import ConfigError, PreviewdError
 from previewd.fileio import atomic_copy
+from previewd.logs import setup_logging
 
 log = logging.getLogger("previewd")
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 
-def _setup_logging(level: str) -> None:
-    # Under systemd, journald adds its own timestamps.
-    fmt = "%(levelname)s %(name)s: %(message)s" if os.environ.get("JOURNAL_STREAM") else \
-        "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=getattr(logging, level), format=fmt, stream=sys.stderr, force=True)
 
 
 def _load(args: argparse.Namespace) -> Config:
-    config = load_config(args.config)
-    _setup_logging(config.log_level)
+    config = load_config(find_config(args.config))
+    setup_logging(config.log_level)
     return config
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("previewd")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
 
 
 # -- commands --------------------------------------------------------------------------------
@@ -248,10 +252,12 @@ def _change(args: argparse.Namespace, action: str) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="previewd", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        sp.add_argument("-c", "--config", required=True, help="path to config.yaml")
+        sp.add_argument("-c", "--config", help="path to config.yaml (default: $PREVIEWD_CONFIG, ./config.yaml, "
+                        "$XDG_CONFIG_HOME/previewd/config.yaml, /etc/previewd/config.yaml)")
         return sp
 
     sp = sub.add_parser("init", help="write a config and the folders it names")
@@ -302,7 +308,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    _setup_logging("INFO")
+    setup_logging("INFO")
     try:
         return args.func(args)
     except PreviewdError as exc:

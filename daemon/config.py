@@ -6,6 +6,7 @@ never silently falls back to a default.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -97,12 +98,17 @@ class Config(_Strict):
     output: OutputConfig = OutputConfig()
     models: dict[str, ModelSource] = Field(default_factory=dict)
 
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _log_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:
         if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
             return value
-        raise ValueError(f"must be auto, cpu, cuda or cuda:N (got {value!r})")
+        raise ValueError("must be auto, cpu, cuda or cuda:N")
 
     @field_validator("models")
     @classmethod
@@ -176,11 +182,13 @@ def load_config(path: str | Path) -> Config:
     """Read and validate the config, reporting every problem at once as one ConfigError."""
     path = Path(path)
     try:
-        text = path.read_text()
+        # An open file, not its text: YAML errors then name the file rather than "<unicode string>".
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle) or {}
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from exc
-    try:
-        data = yaml.safe_load(text) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text: {exc}") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
@@ -190,3 +198,32 @@ def load_config(path: str | Path) -> Config:
         return Config.model_validate(data)
     except ValidationError as exc:
         raise ConfigError("invalid config:\n" + "\n".join(format_validation_error(str(path), exc))) from exc
+
+
+CONFIG_ENV = "PREVIEWD_CONFIG"
+
+
+def config_search_path() -> list[Path]:
+    """Where a command without `-c` looks, in order: $PREVIEWD_CONFIG, ./config.yaml,
+    $XDG_CONFIG_HOME/previewd/config.yaml (~/.config by default), /etc/previewd/config.yaml."""
+    xdg = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    candidates = [Path("config.yaml"), xdg / "previewd" / "config.yaml", Path("/etc/previewd/config.yaml")]
+    if os.environ.get(CONFIG_ENV):
+        candidates.insert(0, Path(os.environ[CONFIG_ENV]))
+    return candidates
+
+
+def find_config(explicit: str | Path | None) -> Path:
+    """The config a command uses: `-c` when given, else the first of `config_search_path()` that
+    exists (an explicit $PREVIEWD_CONFIG must exist)."""
+    if explicit is not None:
+        return Path(explicit)
+    from_env = os.environ.get(CONFIG_ENV)
+    if from_env:
+        return Path(from_env)
+    for candidate in config_search_path():
+        if candidate.is_file():
+            return candidate
+    searched = ", ".join(str(p) for p in config_search_path())
+    raise ConfigError(f"no config given (-c) and none found in: {searched}; "
+                      "create one with `previewd init DIR`")

@@ -111,7 +111,9 @@ class Dispatcher:
                 group=task.target.out_dir, affinity=lora_affinity(task.spec),
                 max_attempts=self._config.worker.max_attempts)
             queued += created
-        log.info("%s: %d job(s) queued, %d already known", source, queued, len(tasks) - queued)
+        # Start-up scans and rescans deliver every known file again: only news is worth a line.
+        (log.info if queued else log.debug)("%s: %d job(s) queued, %d already known", source, queued,
+                                            len(tasks) - queued)
 
     def _once(self, path: Path, message: str) -> None:
         if (path, message) not in self._reported:

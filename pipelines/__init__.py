@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import sys
 
 from previewd.catalog import MODELS
 from previewd.errors import ConfigError
@@ -39,5 +40,23 @@ def create(model_id: str, source: ModelSource, *, device: str = "auto",
     cls = adapter_class(model_id)
     from previewd.pipelines import device as devices
 
+    _route_library_output()
     resolved_device, resolved_dtype = devices.resolve(device, dtype)
     return cls(model_id, source, device=resolved_device, dtype=resolved_dtype)
+
+
+def _route_library_output() -> None:
+    """diffusers and transformers log through stderr handlers of their own and draw tqdm bars:
+    send their records through previewd's handlers (one format, journald priorities) and keep the
+    bars off anything that is not a terminal, where they are escape-code noise."""
+    import diffusers.utils.logging as diffusers_logging
+    import huggingface_hub.utils
+    import transformers.utils.logging as transformers_logging
+
+    for library in (diffusers_logging, transformers_logging):
+        library.disable_default_handler()
+        library.enable_propagation()
+        if not sys.stderr.isatty():
+            library.disable_progress_bar()
+    if not sys.stderr.isatty():
+        huggingface_hub.utils.disable_progress_bars()

@@ -17,10 +17,8 @@ reload).
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import secrets
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -48,8 +46,6 @@ from previewd.pipelines.qwen.encode import (
 )
 from previewd.pipelines.qwen.lora_state import LoraMode, QwenLoraState
 from previewd.spec import NUMBERED_CONTROL_SLOTS, ModelSource, RenderResult, RenderSpec
-
-logger = logging.getLogger(__name__)
 
 AITK_SCHEDULER: dict[str, Any] = {
     "base_image_seq_len": 256,
@@ -134,7 +130,6 @@ class _QwenPreview:
     def load(self) -> None:
         if self.pipe is not None:
             return
-        started = time.perf_counter()
         with devices.raise_oom_as(self.model_id, self.device):
             cls = self._pipeline_class()
             pipe = cls.from_pretrained(self.source.path, dtype=devices.torch_dtype(self.dtype),
@@ -150,8 +145,6 @@ class _QwenPreview:
         self._hub_scheduler_config = dict(pipe.scheduler.config)
         self.lora = QwenLoraState(pipe, model_id=self.model_id, source_path=self.source.path)
         self.pipe = pipe
-        logger.info("loaded %s from %s in %.1f s", self.model_id, self.source.path,
-                    time.perf_counter() - started)
 
     def unload(self) -> None:
         self.pipe = None

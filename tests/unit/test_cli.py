@@ -62,3 +62,37 @@ def test_submit_copies_atomically_without_overwriting(config_path, tmp_path, cap
     inbox = load_config(config_path).inbox
     assert sorted(p.name for p in inbox.iterdir()) == ["req-1.yaml", "req.yaml"]
     assert main(["submit", "-c", str(config_path), str(tmp_path / "missing.yaml")]) == 1
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.startswith("previewd ")
+
+
+def test_config_comes_from_previewd_config_or_the_current_folder(config_path, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("PREVIEWD_CONFIG", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["status", "--json"]) == 0  # ./config.yaml
+    capsys.readouterr()
+    monkeypatch.setenv("PREVIEWD_CONFIG", str(tmp_path / "missing.yaml"))
+    assert main(["status"]) == 2
+    assert "missing.yaml" in capsys.readouterr().err
+    monkeypatch.delenv("PREVIEWD_CONFIG")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert main(["status"]) == 2
+    assert "none found in: config.yaml" in capsys.readouterr().err
+
+
+def test_config_errors_name_the_file_and_say_each_thing_once(tmp_path, capsys):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("inbox: [unclosed\n")
+    assert main(["status", "-c", str(broken)]) == 2
+    assert str(broken) in capsys.readouterr().err.replace("<unicode string>", "")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(render_config().replace("device: auto", "device: gpu0").replace("log_level: INFO", "log_level: info"))
+    assert main(["status", "-c", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("'gpu0'") == 1 and "log_level" not in err
