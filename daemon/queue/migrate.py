@@ -19,19 +19,19 @@ from __future__ import annotations
 import logging
 from importlib import metadata as package_metadata
 
-import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from alembic.util import CommandError
-from sqlalchemy.engine import Connection
+# Before Alembic is imported: at INFO it logs its plugins and the backend it found in every
+# process; the daemon logs the migrations itself ("queue schema upgraded from ... to ...").
+logging.getLogger("alembic").setLevel(logging.WARNING)
 
-from previewd.queue.errors import SchemaVersionError
+import sqlalchemy as sa  # noqa: E402
+from alembic import command  # noqa: E402
+from alembic.config import Config  # noqa: E402
+from alembic.runtime.migration import MigrationContext  # noqa: E402
+from alembic.script import ScriptDirectory  # noqa: E402
+from alembic.util import CommandError  # noqa: E402
+from sqlalchemy.engine import Connection  # noqa: E402
 
-# Alembic says which backend it found on every start of every process; the daemon logs the
-# migrations itself ("queue schema upgraded from ... to ...").
-logging.getLogger("alembic.runtime.migration").setLevel(logging.WARNING)
+from previewd.queue.errors import SchemaVersionError  # noqa: E402
 
 SCRIPT_LOCATION = "previewd.queue:migrations"
 BASELINE = "0001"

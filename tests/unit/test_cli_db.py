@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from previewd.cli import _with_device, main
+from previewd.cli import _with_device, main, parser
 from previewd.config import load_config
 from previewd.instance import render_config
 from previewd.queue import JobStore
@@ -67,6 +67,13 @@ def test_run_device_overrides_the_config_and_is_validated(config_path, capsys):
     assert _with_device(config, "cuda:1").model_copy(update={"device": config.device}) == config
     assert main(["run", "-c", str(config_path), "--device", "gpu1"]) == 2
     assert "--device gpu1: " in capsys.readouterr().err
+
+
+def test_the_per_gpu_systemd_unit_passes_its_instance_as_the_device():
+    unit = Path(__file__).resolve().parents[2] / "systemd" / "previewd@.service"
+    [start] = [line.split("=", 1)[1] for line in unit.read_text().splitlines() if line.startswith("ExecStart=")]
+    args = parser().parse_args([arg.replace("%i", "cuda:1") for arg in start.split()[1:]])
+    assert (args.command, args.device) == ("run", "cuda:1")
 
 
 def test_status_says_when_the_database_is_unreachable(tmp_path, capsys):
