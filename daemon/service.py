@@ -182,7 +182,8 @@ class Service:
                 failures += 1
                 delay = self._loop_backoff.delay(failures)
                 log.warning("%s; trying again in %.0fs", exc, delay)
-                notify(f"STATUS=waiting for the database ({exc})")
+                # Under systemd, start-up may wait as long as the database does.
+                notify(f"STATUS=waiting for the database ({exc})", f"EXTEND_TIMEOUT_USEC={int((delay + 60) * 1e6)}")
                 if self.should_exit.wait(delay):
                     return
         if found == head:
@@ -257,6 +258,8 @@ class Service:
         if current is not None:
             try:
                 self._store.release(current.id, self.worker_id, "stopped while busy")
+            except DatabaseUnavailable as exc:  # its lease expires instead
+                log.warning("job %d: could not return it to the queue (%s)", current.id, exc)
             except Exception:  # its lease expires instead
                 log.exception("job %d: could not return it to the queue", current.id)
         os._exit(128 + self._captured_signals[-1] if forced else 1)

@@ -1,5 +1,5 @@
-"""The worker when the database goes away mid-job, and with jobs whose files it cannot read
-(stand-in pipeline; the daemons against a real restarting PostgreSQL are in
+"""The worker and the daemon when the database goes away, and with jobs whose files the worker
+cannot read (stand-in pipeline; daemons against a real restarting PostgreSQL are in
 tests/acceptance/test_multi_worker.py)."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from previewd.config import load_config
 from previewd.errors import JobStateError
 from previewd.instance import render_config
 from previewd.queue import DatabaseUnavailable, JobState, JobStore
+from previewd.service import Service
 from previewd.spec import LoraSpec, RenderResult, RenderSpec
 from previewd.tasks import OutputTarget, RenderTask
 from previewd.worker import Renderer, Worker
@@ -163,3 +164,43 @@ def test_a_job_whose_files_this_host_cannot_read_is_left_to_others(env, tmp_path
     assert not worker.run_once(threading.Event())
     assert store.outstanding("w1") == 0
     assert store.claim("w2", lease_seconds=60).id == job.id
+
+
+@pytest.fixture
+def unreachable(tmp_path, monkeypatch):
+    """A daemon whose database cannot be opened, and the systemd messages it sends."""
+    (tmp_path / "config.yaml").write_text(render_config().replace(
+        "database_url:\n", f"database_url: sqlite:///{tmp_path / 'gone' / 'q.db'}\n"))
+    sent = []
+    monkeypatch.setattr("previewd.service.notify", lambda *states: sent.extend(states))
+    config = load_config(tmp_path / "config.yaml")
+    service = Service(config, renderer=Renderer(config, factory=Pipeline))
+    yield service, sent
+    service._store.close()
+
+
+def test_intake_waits_for_the_database_instead_of_dropping_the_file(unreachable, tmp_path, caplog):
+    service, _sent = unreachable
+    service.config.inbox.mkdir()
+    request = service.config.inbox / "r.yaml"
+    request.write_text("model: flux2\nprompts:\n  - prompt: a\n    width: 64\n    height: 64\n")
+    with caplog.at_level(logging.WARNING, logger="previewd.service"):
+        assert service._intake(request) is False  # "not handled": the watcher delivers it again
+    assert "database unreachable" in caplog.text and not any(r.exc_info for r in caplog.records)
+
+
+def test_the_watchdog_is_fed_while_the_database_is_away(unreachable):
+    service, sent = unreachable
+    service._ping_watchdog()
+    assert sent == ["WATCHDOG=1", "STATUS=idle; database unreachable"]
+
+
+def test_start_up_waits_for_the_database_and_tells_systemd(unreachable):
+    service, sent = unreachable
+    waiting = threading.Thread(target=service._connect)
+    waiting.start()
+    _later(0.5, service.should_exit.set)
+    waiting.join(timeout=10)
+    assert not waiting.is_alive()
+    assert sent[0].startswith("STATUS=waiting for the database (database unreachable: unable to open")
+    assert sent[1].startswith("EXTEND_TIMEOUT_USEC=")
