@@ -221,8 +221,8 @@ class Worker:
         try:
             task = RenderTask.model_validate(job.payload)
         except ValueError as exc:
-            self._persist(job, lambda: self._store.fail(job.id, self._worker, f"unreadable job payload: {exc}",
-                                                        retry_in=None))
+            error = f"unreadable job payload: {exc}"
+            self._persist(job, lambda: self._store.fail(job.id, self._worker, error, retry_in=None))
             return
         missing = shared_state.first_unreadable(shared_state.job_files(task))
         if missing is not None:
