@@ -97,13 +97,18 @@ def test_status_lists_workers_by_host_and_device(config_path, capsys):
         store.worker_heartbeat("a:3:z", job.id, model="flux2")
         store.reap_workers(stale_after=0, forget_after=3600)  # all three silent "for a lease"
         store.worker_heartbeat("a:3:z", job.id, model="flux2")
+        blind = store.claim("b:2:x", lease_seconds=60)
+        store.release_unreadable(blind.id, "b:2:x", "host-b", "/state/checkpoints/ab.safetensors", recheck_in=300)
     assert main(["status", "-c", str(config_path)]) == 0
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("worker")]
+    out = capsys.readouterr().out.splitlines()
+    assert f"queued  #{blind.id}: host-b (b:2:x) cannot read /state/checkpoints/ab.safetensors" in out
+    lines = [line for line in out if line.startswith("worker")]
     assert lines[0].startswith(f"worker host-a cuda:0: live, job #{job.id}, flux2 loaded, heartbeat 0s ago (pid 3")
     assert lines[1].startswith("worker host-a cuda:1: gone, idle, heartbeat")
     assert lines[2].startswith("worker host-b cuda:0: gone")
     assert main(["status", "-c", str(config_path), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["database"] == {"reachable": True, "schema": HEAD}
+    assert [(u["job"], u["host"]) for u in report["unreadable"]] == [(blind.id, "host-b")]
     assert [(w["host"], w["device"], w["state"]) for w in report["workers"]] == [
         ("host-a", "cuda:0", "live"), ("host-a", "cuda:1", "gone"), ("host-b", "cuda:0", "gone")]
