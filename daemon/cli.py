@@ -169,6 +169,18 @@ def cmd_db_current(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from previewd import doctor
+
+    config = _load(args)
+    if args.systemd_dropin:
+        print(doctor.systemd_dropin(config), end="")
+        return EXIT_OK
+    checks = doctor.run_checks(config)
+    print(doctor.format_table(checks))
+    return EXIT_OK if all(c.ok for c in checks) else EXIT_FAILURE
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from previewd.queue import DatabaseUnavailable
 
@@ -293,6 +305,12 @@ def parser() -> argparse.ArgumentParser:
     sp = with_config(sub.add_parser("submit", help="copy request files into the inbox atomically"))
     sp.add_argument("files", nargs="+")
     sp.set_defaults(func=cmd_submit)
+
+    sp = with_config(sub.add_parser("doctor", help="check models, device, folders and database without loading "
+                                                   "weights"))
+    sp.add_argument("--systemd-dropin", action="store_true",
+                    help="print the systemd drop-in (ReadWritePaths) for the folders this config writes to")
+    sp.set_defaults(func=cmd_doctor)
 
     sp = with_config(sub.add_parser("status", help="queue state and progress"))
     sp.add_argument("--json", action="store_true")

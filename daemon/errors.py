@@ -56,6 +56,10 @@ class PipelineError(PreviewdError):
     transient = False
 
 
+class ModelNotFound(PipelineError):
+    """The model's files are not on this machine (previewd never downloads)."""
+
+
 class PipelineOutOfMemory(PipelineError):
     """The device ran out of memory while rendering."""
 

@@ -20,9 +20,14 @@ def error_file(path: Path) -> Path:
 
 
 def reject(path: Path, exc: PreviewdError) -> None:
-    """Log `exc` and write it beside `path` (unless that file already says exactly this)."""
-    text = f"{_HEADER}\n\n{exc}\n\nFix the file (or replace it) and previewd reads it again.\n"
+    """Log `exc` and write it beside `path`."""
     log.error("%s", exc)
+    record(path, str(exc))
+
+
+def record(path: Path, reason: str) -> None:
+    """Write `reason` beside `path` (unless its error file already says exactly this)."""
+    text = f"{_HEADER}\n\n{reason}\n\nFix the file (or replace it) and previewd reads it again.\n"
     try:
         target = error_file(path)
         # atomic_write renames over the name, so a planted symlink is replaced, never followed.

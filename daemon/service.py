@@ -27,6 +27,7 @@ from sqlalchemy.engine import make_url
 
 from previewd import shared_state, snapshots
 from previewd.config import Config
+from previewd.errors import ConfigError
 from previewd.dispatch import Dispatcher, affinity_checkpoint
 from previewd.inbox import InboxWatcher
 from previewd.notify import notify
@@ -81,11 +82,16 @@ class Service:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             log.info("Finished previewd process [%d]", os.getpid())
+        if self.exit_when_idle and self._worker.failed:
+            # A batch run (CI, a script) must notice renders that will never appear.
+            log.error("%d job(s) failed for good while this daemon ran", self._worker.failed)
+            return 1
         return 0
 
     def startup(self) -> None:
         for folder in (self.config.state_dir, self.config.outbox_root, self.config.inbox):
             folder.mkdir(parents=True, exist_ok=True)
+        self._check_setup()
         self._connect()
         self._watcher.start()
         self._watching = True
@@ -94,6 +100,19 @@ class Service:
         log.info("watching %s; database %s", ", ".join(map(str, self.config.watch_roots)),
                  make_url(self.config.db_url).render_as_string(hide_password=True))
         notify("READY=1", "STATUS=watching for checkpoints")
+
+    def _check_setup(self) -> None:
+        """`previewd doctor`'s checks, logged: a missing model or an unwritable folder is said once
+        at start, where the operator looks; a device the config insists on and lacks stops it here."""
+        from previewd import doctor
+
+        device = doctor.check_device(self.config)
+        if not device.ok and self.config.device != "auto":
+            raise ConfigError(f"device: {device.detail}")
+        (log.info if device.ok else log.warning)("device %s", device.detail)
+        for check in (*doctor.check_folders(self.config), *doctor.check_models(self.config)):
+            if not check.ok:
+                log.error("%s: %s", check.what, check.detail)
 
     def main_loop(self) -> None:
         failures = 0

@@ -15,7 +15,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
-from previewd import outbox, shared_state
+from previewd import outbox, rejections, shared_state
 from previewd.aitk_samples import find_samples
 from previewd.config import Config
 from previewd.dispatch import lora_affinity
@@ -77,7 +77,10 @@ class Renderer:
         factory = self._factory
         if factory is None:
             from previewd import pipelines
+            from previewd.pipelines.model_sources import verify_source
 
+            # A missing model is a setup problem with one clear line, not a load that fails later.
+            verify_source(spec.model, source)
             factory = pipelines.create
         pipeline = factory(spec.model, source, device=self._config.device, dtype=self._config.dtype)
         device = str(getattr(pipeline, "device", "cpu"))
@@ -183,6 +186,8 @@ class Worker:
                                    base_delay=config.worker.retry_delay_seconds)
         self.current: Job | None = None
         self.progress: float | None = None
+        self.failed = 0
+        """Jobs this worker failed for good (no retry left)."""
         self._lost = threading.Event()
         self._last_renewal = 0.0
         self._reconnect = RetryPolicy(base_delay=1.0, max_delay=15.0)
@@ -253,7 +258,7 @@ class Worker:
                 log.info("job %d: interrupted; it was already cancelled or taken over", job.id)
             return
         except Exception as exc:  # noqa: BLE001 - every failure is recorded on the job
-            self._record_failure(job, exc)
+            self._record_failure(job, exc, Path(task.target.out_dir))
             return
         image = Path(task.target.out_dir) / entry.image
         try:
@@ -265,8 +270,11 @@ class Worker:
             log.info("job %d: rendered, but no longer ours to finish", job.id)
             return
         log.info("job %d: done -> %s", job.id, image)
+        rejections.clear(Path(task.target.out_dir))  # whatever stopped this folder's renders is fixed
 
-    def _record_failure(self, job: Job, exc: BaseException) -> None:
+    def _record_failure(self, job: Job, exc: BaseException, out_dir: Path | None = None) -> None:
+        """Fail or retry the job; a final failure is also written beside its output folder, where
+        the person training looks, since no image will appear there."""
         decision = self._policy.decide(job.attempts, exc)
         message = f"{type(exc).__name__}: {exc}"
         retry_in = decision.delay if decision.retry else None
@@ -279,6 +287,10 @@ class Worker:
             log.warning("job %d: %s (%s)", job.id, message, decision.reason)
         else:
             log.exception("job %d failed: %s", job.id, message, exc_info=exc)
+        if final.state == JobState.FAILED:
+            self.failed += 1
+            if out_dir is not None:
+                rejections.record(out_dir, f"job {job.id} failed: {exc}")
 
     def _persist(self, job: Job, write: Callable[[], Any]) -> Any:
         """Run `write` (a change to the job) until the database takes it. JobStateError still

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import gc
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
 from previewd.errors import ConfigError, PipelineOutOfMemory
+
+logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -20,13 +24,33 @@ def resolve(device: str = "auto", dtype: str = "auto") -> tuple[str, str]:
     """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cpu" and nvidia_gpu_present():
+            logger.warning("an NVIDIA GPU is present but CUDA is unusable here (%s): rendering on the CPU, "
+                           "which is very slow; set `device: cuda` to fail instead", cuda_problem())
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device: {device!r} requested but CUDA is not available")
+        raise ConfigError(f"device: {device!r} requested but CUDA is not available ({cuda_problem()})")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise ConfigError(f"device: {device!r} requested but this machine has {torch.cuda.device_count()} "
+                          "CUDA device(s)")
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
     if dtype not in _DTYPES:
         raise ConfigError(f"dtype: {dtype!r} is not one of auto, {', '.join(_DTYPES)}")
     return device, dtype
+
+
+def nvidia_gpu_present() -> bool:
+    """An NVIDIA driver is loaded (whatever torch thinks of it)."""
+    return Path("/proc/driver/nvidia/gpus").is_dir() or Path("/dev/nvidia0").exists()
+
+
+def cuda_problem() -> str:
+    """Why torch has no CUDA, in a few words a user can act on."""
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU-only build: install the CUDA build of torch"
+    if not nvidia_gpu_present():
+        return "no NVIDIA driver or device node (/dev/nvidia0) is visible"
+    return f"torch {torch.__version__} (CUDA {torch.version.cuda}) cannot initialise the driver"
 
 
 def torch_dtype(name: str) -> torch.dtype:
