@@ -251,14 +251,29 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _change(args: argparse.Namespace, action: str) -> int:
+    """retry/cancel: the jobs named by id, or all of them in the wanted states (of one run)."""
+    from previewd.queue import JobState
+    from previewd.tasks import RenderTask
+
+    wanted = {"retry": [JobState.FAILED], "cancel": [JobState.QUEUED, JobState.RUNNING]}[action]
+    if not args.jobs and not args.all and args.run is None:
+        raise ConfigError(f"{action}: name job ids, --{'failed' if action == 'retry' else 'all'} or --run NAME")
     config = _load(args)
     store = _store(config)
     try:
-        changed = getattr(store, action)(args.jobs)
+        ids = list(args.jobs)
+        if args.all or args.run is not None:
+            for job in store.list_jobs(states=wanted):
+                target = RenderTask.model_validate(job.payload).target
+                if args.run is None or args.run in (target.title, Path(target.job_dir or "").name):
+                    ids.append(job.id)
+        changed = getattr(store, action)(ids) if ids else []
     finally:
         store.close()
     for job in changed:
         print(f"#{job.id}: {job.state.value}")
+    if not changed:
+        print(f"{action}: no job to change")
     return EXIT_OK
 
 
@@ -317,9 +332,13 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--limit", type=int, default=20, help="failed jobs to list")
     sp.set_defaults(func=cmd_status)
 
-    for action, what in (("retry", "requeue failed or cancelled jobs"), ("cancel", "cancel queued or running jobs")):
+    for action, what, every in (("retry", "requeue failed or cancelled jobs", "--failed"),
+                                ("cancel", "cancel queued or running jobs", "--all")):
         sp = with_config(sub.add_parser(action, help=f"{what} (all or none: an unknown id or wrong state changes nothing)"))
-        sp.add_argument("jobs", nargs="+", type=int)
+        sp.add_argument("jobs", nargs="*", type=int)
+        sp.add_argument(every, dest="all", action="store_true",
+                        help="every failed job" if action == "retry" else "every queued or running job")
+        sp.add_argument("--run", metavar="NAME", help="only the jobs of this training run or request")
         sp.set_defaults(func=lambda a, action=action: _change(a, action))
     return p
 

@@ -96,3 +96,33 @@ def test_config_errors_name_the_file_and_say_each_thing_once(tmp_path, capsys):
     assert main(["status", "-c", str(bad)]) == 2
     err = capsys.readouterr().err
     assert err.count("'gpu0'") == 1 and "log_level" not in err
+
+
+def test_retry_failed_and_cancel_by_run(config_path, capsys):
+    from previewd.spec import RenderSpec
+    from previewd.tasks import OutputTarget, RenderTask
+
+    config = load_config(config_path)
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    with JobStore(config.db_url) as store:
+        store.create_schema()
+        ids = {}
+        for run in ("runA", "runB"):
+            for i in range(2):
+                task = RenderTask(spec=RenderSpec(model="flux2", prompt="x"), target=OutputTarget(
+                    out_dir=f"/o/{run}", image_name=f"{i}.png", title=run, source="s", prompt_index=i))
+                ids[run, i] = store.enqueue(key=f"{run}{i}", payload=task.model_dump(mode="json"), model="flux2",
+                                            group=run)[0].id
+        for _ in range(2):  # both jobs of runA fail for good
+            job = store.claim("w", lease_seconds=60, prefer_model=None)
+            store.fail(job.id, "w", "boom", retry_in=None)
+    assert main(["retry", "-c", str(config_path)]) == 2  # says what to name
+    capsys.readouterr()
+    assert main(["retry", "-c", str(config_path), "--failed", "--run", "runB"]) == 0
+    assert "no job to change" in capsys.readouterr().out
+    assert main(["retry", "-c", str(config_path), "--failed", "--run", "runA"]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"#{ids['runA', 0]}: queued", f"#{ids['runA', 1]}: queued"]
+    assert main(["cancel", "-c", str(config_path), "--run", "runB"]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"#{ids['runB', 0]}: cancelled", f"#{ids['runB', 1]}: cancelled"]
+    assert main(["cancel", "-c", str(config_path), "--all"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2
