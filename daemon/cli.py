@@ -77,6 +77,7 @@ def _with_device(config: Config, device: str) -> Config:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
+    from previewd import outbox
     from previewd.fileio import write_missing
     from previewd.intake.planner import Planner
     from previewd.worker import Renderer
@@ -99,6 +100,7 @@ def cmd_render(args: argparse.Namespace) -> int:
             print(Path(task.target.out_dir) / entry.image)
     finally:
         renderer.close()
+        outbox.flush()
     return EXIT_FAILURE if failures else EXIT_OK
 
 

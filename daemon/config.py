@@ -73,6 +73,8 @@ class OutputConfig(_Strict):
     """Folder created inside a training run for its previews."""
     grid: bool = True
     html: bool = True
+    grid_aitk: bool = True
+    """grid.png shows ai-toolkit's own sample beside each render that has one."""
     baseline: bool = False
     """Also render each run's prompts on the base model (no LoRA), like ai-toolkit's step-0 sample."""
 

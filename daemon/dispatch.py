@@ -15,6 +15,7 @@ from previewd import outbox, rejections, snapshots
 from previewd.config import Config
 from previewd.fileio import write_missing
 from previewd.intake.planner import JOB_CONFIG, Plan, Planner
+from previewd.queue.states import JobState
 from previewd.queue.store import JobStore
 from previewd.spec import LoraSpec, RenderSpec
 from previewd.tasks import RenderTask
@@ -105,12 +106,18 @@ class Dispatcher:
 
     def _enqueue(self, source: Path, tasks: list[RenderTask]) -> None:
         queued = 0
+        options = outbox.Options.of(self._config.output)
         for task in tasks:
-            _job, created = self._store.enqueue(
+            job, created = self._store.enqueue(
                 key=task.idempotency_key(), payload=task.model_dump(mode="json"), model=task.spec.model,
                 group=task.target.out_dir, affinity=lora_affinity(task.spec),
                 max_attempts=self._config.worker.max_attempts)
             queued += created
+            # The page shows the cells to come: queued ones, and failed ones with their reason.
+            if job.state in (JobState.QUEUED, JobState.RUNNING):
+                outbox.record_cell(task, job_id=job.id, options=options)
+            elif job.state == JobState.FAILED:
+                outbox.record_cell(task, job_id=job.id, error=job.last_error or "failed", options=options)
         # Start-up scans and rescans deliver every known file again: only news is worth a line.
         (log.info if queued else log.debug)("%s: %d job(s) queued, %d already known", source, queued,
                                             len(tasks) - queued)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +19,15 @@ def staged(folder: Path, name: str) -> Iterator[Path]:
     """A temporary file in `folder` for the caller to fill and `os.replace` into place; removed
     if it is still there afterwards (the caller failed, or decided not to keep it)."""
     folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+    while True:
+        tmp = folder / f".{name}.{secrets.token_hex(6)}.tmp"
+        try:
+            # Mode 0666 less the process umask, as a plain open() creates files: mkstemp's 0600
+            # would leave every output readable by previewd's user alone, whatever UMask says.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        except FileExistsError:
+            continue
+        break
     os.close(fd)
     try:
         yield Path(tmp)

@@ -93,6 +93,8 @@ output:
   # Also write grid.png (rows: checkpoints, columns: prompts) and index.html.
   grid: true
   html: true
+  # grid.png puts ai-toolkit's own sample of the same step beside each render that has one.
+  grid_aitk: true
   # Also render each training run's prompts on the base model (no LoRA), like ai-toolkit's
   # step-0 baseline sample: a "base model" row in the grid.
   baseline: false

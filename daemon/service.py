@@ -25,7 +25,7 @@ from types import FrameType
 
 from sqlalchemy.engine import make_url
 
-from previewd import shared_state, snapshots
+from previewd import outbox, shared_state, snapshots
 from previewd.config import Config
 from previewd.errors import ConfigError
 from previewd.dispatch import Dispatcher, affinity_checkpoint
@@ -176,6 +176,7 @@ class Service:
         if self._watching:  # not when start-up failed, e.g. on a database of a newer previewd
             self._watcher.stop()
         self._renderer.close()
+        outbox.flush()  # the manifest, grid and page of the last renders
         try:
             self._store.unregister_worker(self.worker_id)
         except DatabaseUnavailable as exc:

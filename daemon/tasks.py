@@ -29,6 +29,10 @@ class OutputTarget(BaseModel):
     """For training runs: the run folder, where ai-toolkit's own samples/ live."""
     parity_gaps: tuple[str, ...] = ()
     """Known reasons the run's own samples may differ from this render (not part of the job's identity)."""
+    strength: float | None = None
+    """The LoRA multiplier when the request sweeps several (a grid axis); None: not swept."""
+    seed: int | None = None
+    """The seed when the request sweeps several (a grid axis); None: not swept."""
 
 
 class RenderTask(BaseModel):
@@ -43,12 +47,16 @@ class RenderTask(BaseModel):
                                "image": self.target.image_name})
 
 
-def image_name(step: int | None, checkpoint: str | None, prompt_index: int, fmt: str) -> str:
-    """`<step:09d>_<i>` like ai-toolkit's sample names; `base_<i>` without a LoRA."""
+def image_name(step: int | None, checkpoint: str | None, prompt_index: int, fmt: str, *,
+               by_name: bool = False, strength: float | None = None, seed: int | None = None) -> str:
+    """`<step:09d>_<i>` like ai-toolkit's sample names; `base_<i>` without a LoRA; the checkpoint's
+    stem when its step is unknown or `by_name` (several LoRAs of one request share a step). Swept
+    axes add `_m<strength>` and `_s<seed>`, so every cell of a sweep has a name of its own."""
     if checkpoint is None:
         label = "base"
-    elif step is not None:
+    elif step is not None and not by_name:
         label = f"{step:09d}"
     else:
         label = checkpoint.rsplit(".", 1)[0]
-    return f"{label}_{prompt_index:02d}.{fmt}"
+    sweep = (f"_m{strength:g}" if strength is not None else "") + (f"_s{seed}" if seed is not None else "")
+    return f"{label}_{prompt_index:02d}{sweep}.{fmt}"

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from previewd import outbox, rejections, shared_state
-from previewd.aitk_samples import find_samples
 from previewd.config import Config
 from previewd.dispatch import lora_affinity
 from previewd.errors import JobStateError, PipelineError, PipelineOutOfMemory, RenderInterrupted
@@ -159,9 +158,8 @@ class Renderer:
             network_multiplier=spec.lora.network_multiplier if spec.lora else None, parity=spec.parity,
             control_images=[ControlRef(slot=c.slot, sha256=c.sha256) for c in spec.control_images],
             record=result.record, timings=result.timings, versions=self._versions, source=target.source)
-        samples = find_samples(Path(target.job_dir)) if target.job_dir else {}
-        return outbox.write_render(target, result.image, entry, aitk_samples=samples,
-                                   grid=self._config.output.grid, page=self._config.output.html)
+        # The manifest, grid and page follow on the outbox's own thread, off the render path.
+        return outbox.write_render(target, result.image, entry, options=outbox.Options.of(self._config.output))
 
     def close(self) -> None:
         if self._pipeline is not None:
@@ -258,7 +256,7 @@ class Worker:
                 log.info("job %d: interrupted; it was already cancelled or taken over", job.id)
             return
         except Exception as exc:  # noqa: BLE001 - every failure is recorded on the job
-            self._record_failure(job, exc, Path(task.target.out_dir))
+            self._record_failure(job, exc, Path(task.target.out_dir), task)
             return
         image = Path(task.target.out_dir) / entry.image
         try:
@@ -272,7 +270,8 @@ class Worker:
         log.info("job %d: done -> %s", job.id, image)
         rejections.clear(Path(task.target.out_dir))  # whatever stopped this folder's renders is fixed
 
-    def _record_failure(self, job: Job, exc: BaseException, out_dir: Path | None = None) -> None:
+    def _record_failure(self, job: Job, exc: BaseException, out_dir: Path | None = None,
+                        task: RenderTask | None = None) -> None:
         """Fail or retry the job; a final failure is also written beside its output folder, where
         the person training looks, since no image will appear there."""
         decision = self._policy.decide(job.attempts, exc)
@@ -291,6 +290,8 @@ class Worker:
             self.failed += 1
             if out_dir is not None:
                 rejections.record(out_dir, f"job {job.id} failed: {exc}")
+            if task is not None:  # the page and grid show the cell's reason
+                outbox.record_cell(task, job_id=job.id, error=message, options=outbox.Options.of(self._config.output))
 
     def _persist(self, job: Job, write: Callable[[], Any]) -> Any:
         """Run `write` (a change to the job) until the database takes it. JobStateError still

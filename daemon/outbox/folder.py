@@ -1,0 +1,322 @@
+"""One output folder's manifest, grid and page, folded together from a batch of changes.
+
+A `Folder` keeps the folder's manifest in memory between writes. Several processes may write one
+folder (workers sharing a run), so every fold runs under the folder's file lock and first checks
+that manifest.json is still the file it wrote last; if another writer replaced it, the manifest is
+read again and the batch is merged into it. The first read in a process also takes in any image of
+ours that the manifest lacks (a crash between writing an image and folding it), from the record
+the image carries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+from PIL import Image
+from pydantic import ValidationError
+
+from previewd.aitk_samples import find_samples
+from previewd.fileio import atomic_write
+from previewd.manifest import MANIFEST_VERSION, Manifest, PlannedCell, RenderEntry
+from previewd.outbox import grid as grids, page as pages, table as tables
+from previewd.outbox.images import compare, png_bytes, read_record, thumbnail
+from previewd.tasks import OutputTarget
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+GRID = "grid.png"
+LOCK = ".manifest.lock"
+"""Serialises writers of one folder; its presence also marks the folder as previewd's output."""
+_IMAGE_SUFFIXES = (".png", ".jpg")
+
+
+@contextlib.contextmanager
+def locked(out_dir: Path) -> Iterator[None]:
+    with open(out_dir / LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def mark(out_dir: Path) -> None:
+    """Create the folder and its lock file (before its first image, so the watcher skips it)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / LOCK).touch()
+
+
+def read_manifest(out_dir: Path) -> Manifest | None:
+    """The folder's manifest; a corrupt one is kept aside as manifest.json.corrupt and started afresh
+    (every render is in its image's metadata, and taken in again from there)."""
+    path = out_dir / MANIFEST
+    try:
+        return Manifest.model_validate_json(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except ValidationError:
+        pass
+    os.replace(path, out_dir / f"{MANIFEST}.corrupt")
+    return None
+
+
+@dataclass
+class Options:
+    grid: bool = True
+    page: bool = True
+    aitk_column: bool = True
+
+    @classmethod
+    def of(cls, output) -> "Options":
+        """From the config's `output:` section."""
+        return cls(grid=output.grid, page=output.html, aitk_column=output.grid_aitk)
+
+
+@dataclass
+class RenderOp:
+    target: OutputTarget
+    entry: RenderEntry
+    """With its image name and time set; the image is on disk already."""
+    image: Image.Image
+
+
+@dataclass
+class CellOp:
+    target: OutputTarget
+    cell: PlannedCell
+    failed: bool
+
+
+Op = RenderOp | CellOp
+
+
+def relative(path: str | None, out_dir: Path) -> str | None:
+    """`path` relative to the folder when it is an absolute path (the manifest moves with its folder)."""
+    if path is None or not os.path.isabs(path):
+        return path
+    return os.path.relpath(path, out_dir)
+
+
+def _relative_record(value, out_dir: Path):
+    # The pipeline's record names files (e.g. the LoRA snapshot in state_dir) by absolute path.
+    if isinstance(value, dict):
+        return {k: (relative(v, out_dir) if isinstance(v, str) and (k == "path" or k.endswith("_path"))
+                    else _relative_record(v, out_dir)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_relative_record(v, out_dir) for v in value]
+    return value
+
+
+def portable(entry: RenderEntry, out_dir: Path) -> RenderEntry:
+    """The entry with every path relative to the folder."""
+    return entry.model_copy(update={"source": relative(entry.source, out_dir),
+                                    "base": relative(entry.base, out_dir),
+                                    "record": _relative_record(entry.record, out_dir)})
+
+
+@dataclass
+class Folder:
+    path: Path
+    options: Options = field(default_factory=Options)
+    _renders: dict[str, RenderEntry] = field(default_factory=dict)
+    _json: dict[str, str] = field(default_factory=dict)
+    """Each render's serialised entry, so a write serialises only what changed."""
+    _pending: dict[str, PlannedCell] = field(default_factory=dict)
+    _failed: dict[str, PlannedCell] = field(default_factory=dict)
+    _head: Manifest = field(default_factory=Manifest)
+    _signature: tuple | None = None
+    _recovered: bool = False
+    _page_written: bool = False
+    _painter: grids.GridPainter = field(default_factory=grids.GridPainter)
+    _job_dir: Path | None = None
+    _images: dict[str, Image.Image] = field(default_factory=dict)
+    """This batch's full-size renders, to compare with ai-toolkit's samples without reading them back."""
+
+    def fold(self, ops: list[Op]) -> None:
+        if not self.path.is_dir():  # removed since: nothing to keep up to date
+            return
+        with locked(self.path):
+            changed = self._sync()
+            thumbs: dict[tuple[str, int], Image.Image] = {}
+            for op in ops:
+                changed |= self._describe(op.target)
+                if isinstance(op, RenderOp):
+                    self._add_render(op, thumbs)
+                    changed = True
+                else:
+                    changed |= self._add_cell(op)
+            changed |= self._backfill(thumbs)
+            if changed:  # rescans record the same queued cells again and again
+                self._write(self._manifest(), thumbs)
+
+    # -- state --------------------------------------------------------------------------------
+    def _sync(self) -> bool:
+        """Read manifest.json again unless it is the one this process wrote last; True when that
+        took in images the manifest lacked."""
+        signature = _signature(self.path / MANIFEST)
+        if signature is not None and signature == self._signature:
+            return False
+        read = read_manifest(self.path)
+        manifest = read or Manifest()
+        self._renders = {r.image: r for r in manifest.renders}
+        self._pending = {c.image: c for c in manifest.pending}
+        self._failed = {c.image: c for c in manifest.failed}
+        self._json.clear()
+        self._head = manifest.model_copy(update={"renders": [], "pending": [], "failed": []})
+        if manifest.job_dir is not None and self._job_dir is None:
+            self._job_dir = (self.path / manifest.job_dir).resolve()
+        if self._recovered and read is not None:
+            return False
+        # First read in this process, or the manifest is gone or was corrupt: the images say what it lacks.
+        self._recovered = True
+        return self._recover() or read is None
+
+    def _recover(self) -> bool:
+        with os.scandir(self.path) as entries:
+            names = [e.name for e in entries if e.is_file() and not e.name.startswith(".")
+                     and e.name.lower().endswith(_IMAGE_SUFFIXES) and e.name != GRID]
+        found = False
+        for name in names:
+            if name in self._renders:
+                continue
+            entry = read_record(self.path / name)
+            if entry is not None and entry.image == name:
+                log.info("%s: %s was written but not in the manifest; taken in from its record", self.path, name)
+                self._renders[name] = entry
+                self._pending.pop(name, None)
+                self._failed.pop(name, None)
+                found = True
+        return found
+
+    def _describe(self, target: OutputTarget) -> bool:
+        head = self._head
+        before = (head.title, head.source, head.job_dir, head.parity_gaps)
+        head.title, head.source = target.title, relative(target.source, self.path)
+        head.job_dir = relative(target.job_dir, self.path)
+        head.parity_gaps = list(target.parity_gaps)
+        if target.job_dir is not None:
+            self._job_dir = Path(target.job_dir)
+        return before != (head.title, head.source, head.job_dir, head.parity_gaps)
+
+    def _add_render(self, op: RenderOp, thumbs: dict) -> None:
+        entry = op.entry
+        self._renders[entry.image] = entry
+        self._json.pop(entry.image, None)
+        self._pending.pop(entry.image, None)
+        self._failed.pop(entry.image, None)
+        self._head.model = entry.model
+        if self.options.grid or self.options.page:
+            thumb = thumbnail(op.image)
+            atomic_write(self.path / pages.thumb_name(entry.image), png_bytes(thumb))
+            thumbs[(entry.image, 0)] = thumb
+        self._images[entry.image] = op.image
+
+    def _add_cell(self, op: CellOp) -> bool:
+        image = op.cell.image
+        if image in self._renders:
+            return False
+        into, other = (self._failed, self._pending) if op.failed else (self._pending, self._failed)
+        known = into.get(image)
+        if known is not None and known.error == op.cell.error and image not in other:
+            return False
+        into[image] = op.cell
+        other.pop(image, None)
+        return True
+
+    def _backfill(self, thumbs: dict) -> bool:
+        """Pair renders with ai-toolkit's own samples of the same step and prompt; ai-toolkit often
+        finishes its sample of a step after we rendered it, so renders are paired on later writes."""
+        images, self._images = self._images, {}
+        if self._job_dir is None:
+            return False
+        samples = find_samples(self._job_dir)
+        paired = False
+        for entry in self._renders.values():
+            sample = samples.get((entry.step, entry.prompt_index))
+            if sample is None or entry.aitk_sample:
+                continue
+            try:
+                ours = images.get(entry.image)
+                if ours is None:
+                    with Image.open(self.path / entry.image) as stored:
+                        ours = stored.convert("RGB")
+            except OSError:
+                continue
+            entry.aitk_sample = os.path.relpath(sample, self.path)
+            entry.aitk_sample_diff, thumb = compare(ours, sample)
+            self._json.pop(entry.image, None)
+            paired = True
+            if thumb is not None and (self.options.grid or self.options.page):
+                atomic_write(self.path / pages.thumb_name(entry.image, aitk=True), png_bytes(thumb))
+                thumbs[(entry.image, 1)] = thumb
+        return paired
+
+    def _manifest(self) -> Manifest:
+        manifest = self._head.model_copy(update={
+            "version": MANIFEST_VERSION, "updated_at": datetime.now(timezone.utc).isoformat(),
+            "renders": list(self._renders.values()), "pending": list(self._pending.values()),
+            "failed": list(self._failed.values())})
+        manifest.summarise()
+        return manifest
+
+    # -- files --------------------------------------------------------------------------------
+    def _write(self, manifest: Manifest, thumbs: dict) -> None:
+        atomic_write(self.path / MANIFEST, self._manifest_json(manifest))
+        self._signature = _signature(self.path / MANIFEST)
+        if not (self.options.grid or self.options.page):
+            return
+        table = tables.build(manifest)
+        if self.options.page:
+            atomic_write(self.path / pages.DATA, pages.manifest_js(manifest, table))
+            if not self._page_written:
+                html = pages.page_html()
+                page = self.path / pages.PAGE
+                if not page.is_file() or page.read_bytes() != html:
+                    atomic_write(page, html)
+                self._page_written = True
+        if self.options.grid:
+            atomic_write(self.path / GRID, self._painter.paint(
+                table, manifest, lambda entry, slot: self._thumb(entry, slot, thumbs),
+                aitk_column=self.options.aitk_column))
+
+    def _manifest_json(self, manifest: Manifest) -> bytes:
+        """manifest.json with one line per render, each serialised once and reused until it changes."""
+        for entry in manifest.renders:
+            if entry.image not in self._json:
+                self._json[entry.image] = entry.model_dump_json()
+        head = manifest.model_dump(mode="json", exclude={"renders"})
+        renders = ",\n    ".join(self._json[r.image] for r in manifest.renders)
+        text = json.dumps(head, indent=2, ensure_ascii=False)
+        # Spliced in before the closing brace of the head object.
+        listed = f"[\n    {renders}\n  ]" if renders else "[]"
+        return (text[:-2] + f',\n  "renders": {listed}\n}}\n').encode()
+
+    def _thumb(self, entry: RenderEntry, slot: int, fresh: dict) -> Image.Image | None:
+        if (entry.image, slot) in fresh:
+            return fresh[(entry.image, slot)]
+        candidates = [self.path / pages.thumb_name(entry.image, aitk=slot == 1)]
+        candidates.append(self.path / entry.aitk_sample if slot == 1 and entry.aitk_sample else self.path / entry.image)
+        for path in candidates:
+            try:
+                with Image.open(path) as image:
+                    return thumbnail(image)
+            except OSError:
+                continue
+        return None
+
+
+def _signature(path: Path) -> tuple | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)

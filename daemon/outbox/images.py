@@ -1,0 +1,110 @@
+"""One render's files: the image with its record (previewd's JSON and A1111's `parameters`), its
+thumbnail, and its difference from ai-toolkit's own sample."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, PngImagePlugin
+
+from previewd.manifest import RenderEntry
+
+THUMB_SIDE = 256
+RECORD_KEY = "previewd"
+"""PNG text key (and JPEG comment) that holds the render's manifest entry."""
+
+
+def a1111_parameters(entry: RenderEntry) -> str:
+    """The render in AUTOMATIC1111's infotext format, which image browsers (A1111's PNG Info,
+    Civitai, Infinite Image Browsing...) read: prompt, `Negative prompt:`, then `key: value` pairs."""
+    fields = {"Steps": entry.sample_steps, "Sampler": "FlowMatchEuler", "CFG scale": f"{entry.guidance_scale:g}",
+              "Seed": entry.seed, "Size": f"{entry.width}x{entry.height}", "Model": entry.base or entry.model}
+    if entry.checkpoint is not None:
+        name = entry.checkpoint.rsplit(".", 1)[0]
+        fields["Lora"] = name
+        fields["Lora strength"] = f"{entry.network_multiplier if entry.network_multiplier is not None else 1.0:g}"
+        if entry.checkpoint_sha256:
+            fields["Lora hashes"] = f'"{name}: {entry.checkpoint_sha256[:12]}"'
+    fields["Version"] = f"previewd {entry.versions.get('previewd', '')}".strip()
+    lines = [entry.prompt]
+    if entry.neg:
+        lines.append(f"Negative prompt: {entry.neg}")
+    lines.append(", ".join(f"{key}: {_infotext_value(value)}" for key, value in fields.items()))
+    return "\n".join(lines)
+
+
+def _infotext_value(value: Any) -> str:
+    # Infotext splits on ", " and ": ": a value that holds either is quoted, as A1111 does.
+    text = str(value)
+    if text.startswith('"') or not ("," in text or ":" in text):
+        return text
+    return json.dumps(text)
+
+
+def encode_image(image: Image.Image, fmt: str, entry: RenderEntry) -> bytes:
+    record = json.dumps(entry.model_dump(mode="json"), sort_keys=True)
+    buffer = io.BytesIO()
+    if fmt == "png":
+        info = PngImagePlugin.PngInfo()
+        info.add_text(RECORD_KEY, record)
+        info.add_itxt("parameters", a1111_parameters(entry))
+        image.save(buffer, format="PNG", pnginfo=info)
+    else:
+        image.convert("RGB").save(buffer, format="JPEG", quality=95, comment=record.encode())
+    return buffer.getvalue()
+
+
+def read_record(path: Path) -> RenderEntry | None:
+    """The manifest entry an image of ours carries (None: not ours, or unreadable)."""
+    try:
+        with Image.open(path) as image:
+            text = image.text.get(RECORD_KEY) if hasattr(image, "text") else None
+            if text is None:
+                comment = image.info.get("comment")
+                text = comment.decode() if isinstance(comment, bytes) else comment
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    if not text:
+        return None
+    try:
+        return RenderEntry.model_validate_json(text)
+    except ValueError:
+        return None
+
+
+def thumbnail(image: Image.Image) -> Image.Image:
+    thumb = image.convert("RGB")
+    thumb.thumbnail((THUMB_SIDE, THUMB_SIDE))
+    return thumb
+
+
+def png_bytes(image: Image.Image, *, fast: bool = False) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=1 if fast else 6)
+    return buffer.getvalue()
+
+
+def compare(ours: Image.Image, theirs_path: Path) -> tuple[dict[str, Any], Image.Image | None]:
+    """How far our render is from ai-toolkit's own sample for the same step and prompt, and the
+    sample's thumbnail."""
+    import numpy as np
+
+    try:
+        with Image.open(theirs_path) as theirs:
+            theirs_rgb = theirs.convert("RGB")
+    except OSError as exc:
+        return {"error": f"cannot read sample: {exc}"}, None
+    thumb = thumbnail(theirs_rgb)
+    if theirs_rgb.size != ours.size:
+        return {"error": f"size differs: ours {ours.size[0]}x{ours.size[1]}, "
+                         f"sample {theirs_rgb.size[0]}x{theirs_rgb.size[1]}"}, thumb
+    a = np.asarray(ours.convert("RGB"), dtype=np.float64)
+    b = np.asarray(theirs_rgb, dtype=np.float64)
+    mse = float(((a - b) ** 2).mean())
+    return {"mean_abs_diff": round(float(abs(a - b).mean()), 4),
+            "max_abs_diff": int(abs(a - b).max()),
+            "psnr_db": None if mse == 0 else round(10 * math.log10(255.0 ** 2 / mse), 3)}, thumb
