@@ -104,6 +104,20 @@ def cmd_render(args: argparse.Namespace) -> int:
     return EXIT_FAILURE if failures else EXIT_OK
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from previewd.serve import make_server
+
+    config = _load(args)
+    server = make_server(config, args.host, args.port)
+    host, port = server.server_address[:2]
+    print(f"serving previews read-only on http://{host}:{port}/ (Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+    return EXIT_OK
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     config = _load(args)
     config.inbox.mkdir(parents=True, exist_ok=True)
@@ -318,6 +332,11 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("request")
     sp.add_argument("--out", help="output folder (default: outbox_root/<request name>)")
     sp.set_defaults(func=cmd_render)
+
+    sp = with_config(sub.add_parser("serve", help="serve every output folder's page read-only over HTTP"))
+    sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    sp.add_argument("--port", type=int, default=8765, help="port (0: any free one; default 8765)")
+    sp.set_defaults(func=cmd_serve)
 
     sp = with_config(sub.add_parser("submit", help="copy request files into the inbox atomically"))
     sp.add_argument("files", nargs="+")

@@ -241,9 +241,11 @@ class GridPainter:
         failed = cell.status == "failed"
         draw.rectangle((x, y, x + geo.tile - 1, y + geo.tile - 1), fill=_FAILED_FILL if failed else _PENDING_FILL)
         fnt = font(geo.font_size)
-        text = "failed" if failed else "queued"
-        if fnt.getlength(text) <= geo.tile - 4:
-            draw.text((x + 2, y + 2), text, fill="#b00" if failed else "#888", font=fnt)
+        line_h = geo.font_size + 3
+        text = f"failed: {cell.cell.error}" if failed else "queued"
+        lines = _clip(wrap(text, fnt, geo.tile - 4), max(1, (geo.tile - 4) // line_h), fnt, geo.tile - 4)
+        for i, line in enumerate(lines):
+            draw.text((x + 2, y + 2 + i * line_h), line, fill="#b00" if failed else "#888", font=fnt)
 
 
 def _tile_ids(table: Table, geo: Geometry) -> dict[TileKey, tuple]:

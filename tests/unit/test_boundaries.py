@@ -16,6 +16,7 @@ FORBIDDEN = {
     "previewd.manifest": {"torch", "sqlalchemy", "previewd.queue", "previewd.pipelines"},
     "previewd.queue": {"torch", "diffusers", "watchdog", "previewd.pipelines", "previewd.intake"},
     "previewd.outbox": {"torch", "sqlalchemy", "previewd.queue"},
+    "previewd.serve": {"torch", "sqlalchemy", "diffusers", "previewd.queue", "previewd.pipelines"},
     "previewd.pipelines": {"torch", "sqlalchemy", "watchdog", "previewd.queue"},
     "previewd.inbox": {"torch", "sqlalchemy", "previewd.intake", "previewd.queue"},
     "previewd.cli": {"torch", "diffusers"},
