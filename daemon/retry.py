@@ -1,7 +1,7 @@
 """Whether and when a failed render is tried again. Pure: no database, no clock.
 
 The worker asks `RetryPolicy.decide` and turns the decision into `JobStore.fail(...,
-retry_at=now + delay)` or `retry_at=None`. The store also enforces each job's own
+retry_in=delay)` or `retry_in=None`. The store also enforces each job's own
 `max_attempts`, so the smaller of the two limits wins.
 """
 
