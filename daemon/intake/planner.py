@@ -175,16 +175,20 @@ class Planner:
             self._check_output_dir(path, read.output_dir)
         target_dir = out_dir or read.output_dir or (self._config.outbox_root / self._request_folder(path))
         fmt = read.output_format or self._config.output.format
-        steps: dict[str, int | None] = {}
+        loras = dict.fromkeys(spec.lora.path for _index, spec in read.renders if spec.lora is not None)
+        steps = {lora: _lora_step(_complete_lora(Path(lora), f"loras.{n}.path")) for n, lora in enumerate(loras)}
+        # LoRAs of different runs may share a step: their images are then named after their files.
+        by_name = len(set(steps.values())) < len(steps)
         for index, spec in read.renders:
             checkpoint = step = None
             if spec.lora is not None:
-                if spec.lora.path not in steps:
-                    steps[spec.lora.path] = _lora_step(_complete_lora(Path(spec.lora.path)))
                 checkpoint, step = Path(spec.lora.path).name, steps[spec.lora.path]
+            strength = spec.lora.network_multiplier if spec.lora is not None and "strength" in read.swept else None
+            seed = spec.seed if "seed" in read.swept else None
+            name = image_name(step, checkpoint, index, fmt, by_name=by_name, strength=strength, seed=seed)
             plan.tasks.append(RenderTask(spec=spec, target=OutputTarget(
-                out_dir=str(target_dir), image_name=image_name(step, checkpoint, index, fmt), title=read.name,
-                source=str(path), checkpoint=checkpoint, step=step, prompt_index=index, format=fmt)))
+                out_dir=str(target_dir), image_name=name, title=read.name, source=str(path), checkpoint=checkpoint,
+                step=step, prompt_index=index, format=fmt, strength=strength, seed=seed)))
         plan.notes.extend(read.warnings)
         plan.accepted.append(path)
 
@@ -216,11 +220,11 @@ class Planner:
         return resolve
 
 
-def _complete_lora(lora: Path) -> Path:
+def _complete_lora(lora: Path, where: str) -> Path:
     try:
         complete = is_complete(lora)
     except SafetensorsHeaderError as exc:
-        raise IntakeError(lora, "checkpoint", [f"loras.0.path: {exc}"]) from None
+        raise IntakeError(lora, "checkpoint", [f"{where}: {exc}"]) from None
     if not complete:
         raise NotReady(f"LoRA {lora} is still being written: waiting")
     return lora

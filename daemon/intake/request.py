@@ -4,17 +4,24 @@ Seed when a prompt omits it: the reference server uses 42 + prompt index; ai-too
 section seed for every prompt (walk_seed off). So `parity: reference` gives 42 + index and
 `parity: aitk` gives 42, unless `aitk.walk_seed` is set, which applies ai-toolkit's rule with base 42
 (aitk-sampling.md §B.2) in either profile.
+
+Sweeps (previewd's X/Y/Z plot): several `loras` are compared side by side, one grid row each,
+never stacked (the reference server takes one, SINGLE_LORA_ONLY); `network_multipliers` lists
+strengths, per LoRA or for all of them; `seeds` lists seeds for every prompt or for one. Every
+combination is rendered once: LoRA, then strength (the costly switches, outermost), then prompt,
+then seed. A request without these lists reads exactly as the reference server's.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import Annotated
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails
 
 from previewd.errors import IntakeError
@@ -30,6 +37,18 @@ from previewd.spec import (CONTROL_SLOTS, DEFAULT_GUIDANCE, DEFAULT_SEED, DEFAUL
 
 KIND = "request"
 DEFAULT_SIZE = 1024
+MAX_LORAS = 64
+MAX_RENDERS = 2048
+"""Renders one request may ask for, sweeps multiplied out."""
+
+Multiplier = Annotated[float, Field(ge=-MAX_MULTIPLIER, le=MAX_MULTIPLIER)]
+Seed = Annotated[int, Field(ge=0)]
+
+
+def _distinct(values):
+    if isinstance(values, list) and len(set(values)) != len(values):
+        raise ValueError("lists a value twice")
+    return values
 
 
 class _Strict(BaseModel):
@@ -52,13 +71,33 @@ class PromptIn(_Strict):
     ctrl_img_2: str | None = None
     ctrl_img_3: str | None = None
     network_multiplier: float | None = Field(None, ge=-MAX_MULTIPLIER, le=MAX_MULTIPLIER)
-    """previewd extension (ai-toolkit's per-sample multiplier); overrides loras[0].network_multiplier."""
+    """previewd extension (ai-toolkit's per-sample multiplier); overrides the LoRAs' multipliers."""
+    seeds: list[Seed] | None = Field(None, min_length=1)
+    """previewd extension: render this prompt once per seed (a seed sweep)."""
+
+    _seeds = field_validator("seeds")(_distinct)
+
+    @model_validator(mode="after")
+    def _one_seed_field(self) -> "PromptIn":
+        if self.seed is not None and self.seeds is not None:
+            raise ValueError("give `seed` or `seeds`, not both")
+        return self
 
 
 class LoraIn(_Strict):
     path: str
     network_multiplier: float | None = Field(None, ge=-MAX_MULTIPLIER, le=MAX_MULTIPLIER)
+    network_multipliers: list[Multiplier] | None = Field(None, min_length=1)
+    """previewd extension: render this LoRA once per multiplier (a strength sweep)."""
     transformer: None = None
+
+    _multipliers = field_validator("network_multipliers")(_distinct)
+
+    @model_validator(mode="after")
+    def _one_multiplier_field(self) -> "LoraIn":
+        if self.network_multiplier is not None and self.network_multipliers is not None:
+            raise ValueError("give `network_multiplier` or `network_multipliers`, not both")
+        return self
 
     @field_validator("transformer", mode="before")
     @classmethod
@@ -87,7 +126,13 @@ class RequestIn(_Strict):
     model: ModelId
     trigger_word: str | None = None
     prompts: list[PromptIn] = Field(min_length=1)
-    loras: list[LoraIn] = Field(default_factory=list, max_length=1)
+    loras: list[LoraIn] = Field(default_factory=list, max_length=MAX_LORAS)
+    network_multipliers: list[Multiplier] | None = Field(None, min_length=1)
+    """previewd extension: the multipliers of every LoRA that names none."""
+    seeds: list[Seed] | None = Field(None, min_length=1)
+    """previewd extension: render every prompt that names no `seed` once per seed."""
+
+    _lists = field_validator("network_multipliers", "seeds")(_distinct)
     parity: Parity | None = None
     aitk: AitkIn = AitkIn()
     output: OutputIn = OutputIn()
@@ -105,6 +150,8 @@ class RequestPlan:
     """None when the request does not say (the caller's configured default applies)."""
     parity: Parity
     warnings: list[str] = field(default_factory=list)
+    swept: frozenset[str] = frozenset()
+    """The axes the request sweeps beyond LoRAs and prompts: "strength", "seed"."""
 
 
 def format_errors(exc: ValidationError, model: type[BaseModel] = RequestIn) -> list[str]:
@@ -115,7 +162,9 @@ def format_errors(exc: ValidationError, model: type[BaseModel] = RequestIn) -> l
 def _explain(err: ErrorDetails) -> str | None:
     """What the reference server's own words are for errors a request shares with it."""
     if err["type"] == "too_long" and err["loc"] == ("loras",):
-        return "only one LoRA per request (reference server SINGLE_LORA_ONLY)"
+        return f"at most {MAX_LORAS} LoRAs per request (each is a row of the grid, not stacked)"
+    if err["loc"][-1:] in (("network_multiplier",), ("seed",)) and isinstance(err["input"], list):
+        return f"one value; to sweep several, name the list {err['loc'][-1]}s"
     if err["type"] == "literal_error" and err["loc"] == ("model",):
         return f"unknown model id (known: {', '.join(MODEL_IDS)})"
     return None
@@ -155,9 +204,7 @@ def read_request(path: Path, *, allowed_roots: list[Path], default_parity: Parit
     problems: list[str] = []
     warnings: list[str] = []
 
-    lora = None
-    if req.loras:
-        lora = _lora(req.loras[0], base_dir, allowed_roots, problems)
+    loras = _loras(req, base_dir, allowed_roots, problems)
     output_dir = None
     if req.output.dir is not None:
         output_dir = resolve_path(req.output.dir, base_dir)
@@ -173,7 +220,7 @@ def read_request(path: Path, *, allowed_roots: list[Path], default_parity: Parit
     options = AitkOptions(do_cfg_norm=req.aitk.do_cfg_norm, vae_tiling=req.aitk.vae_tiling,
                           lora_merged=req.aitk.lora_merged)
 
-    renders = []
+    planned: list[tuple[int, RenderSpec, float | None, list[int]]] = []
     resolver = ControlResolver(resolve_image, base_dir)
     for i, item in enumerate(req.prompts):
         where = f"prompts.{i}"
@@ -189,31 +236,62 @@ def read_request(path: Path, *, allowed_roots: list[Path], default_parity: Parit
         if failed:
             # validate_spec would only repeat "requires a control image" for the one that failed.
             continue
-        multiplier = settings.pop("network_multiplier")
-        spec_lora = None
-        if lora is not None:
-            if multiplier is not None:
-                spec_lora = lora.model_copy(update={"network_multiplier": multiplier})
-            else:
-                spec_lora = lora
-        elif multiplier is not None:
+        override = settings.pop("network_multiplier")
+        if override is not None and not loras:
             warnings.append(f"{where}.network_multiplier: no LoRA in the request, ignored")
+        own_seed = settings.pop("seed")
+        prompt_seeds = item.seeds or (req.seeds if item.seed is None else None) or [own_seed]
         try:
-            spec = RenderSpec(model=req.model, parity=parity, lora=spec_lora, control_images=tuple(controls),
-                              aitk=options, **settings)
+            spec = RenderSpec(model=req.model, parity=parity, control_images=tuple(controls), aitk=options,
+                              seed=prompt_seeds[0], **settings)
         except ValidationError as exc:
             problems += [f"{where}.{line}" for line in format_errors(exc, RenderSpec)]
             continue
         problems += [f"{where}.{p}" for p in validate_spec(spec)]
-        renders.append((i, spec))
+        planned.append((i, spec, override, prompt_seeds))
+    renders = [(i, spec.model_copy(update={"seed": seed, "lora": lora and lora.model_copy(
+                   update={"network_multiplier": override if override is not None else strength})}))
+               for lora, strengths in loras or [(None, [None])] for strength in strengths
+               for i, spec, override, prompt_seeds in planned for seed in prompt_seeds]
+    # Each combination once: a prompt's own multiplier collapses the strengths it overrides.
+    renders = list({(i, spec.model_dump_json()): (i, spec) for i, spec in renders}.values())
+    if len(renders) > MAX_RENDERS:
+        problems.append(f"(sweep): {len(renders)} renders; at most {MAX_RENDERS} per request")
     if problems:
         raise IntakeError(path, KIND, problems)
+    swept = {axis for axis, many in (("strength", any(len(s) > 1 for _lora, s in loras)),
+                                     ("seed", any(len(p[3]) > 1 for p in planned))) if many}
     return RequestPlan(path=path, name=path.stem, renders=renders, output_dir=output_dir,
-                       output_format=req.output.format, parity=parity, warnings=warnings)
+                       output_format=req.output.format, parity=parity, warnings=warnings,
+                       swept=frozenset(swept))
 
 
-def _lora(item: LoraIn, base_dir: Path, roots: list[Path], problems: list[str]) -> LoraSpec | None:
-    where = "loras.0.path"
+def _loras(req: RequestIn, base_dir: Path, roots: list[Path], problems: list[str]) -> list[tuple[LoraSpec, list[float]]]:
+    """Each LoRA with the multipliers it is rendered at."""
+    loras = []
+    names: dict[str, int] = {}
+    for index, item in enumerate(req.loras):
+        lora = _lora(item, index, base_dir, roots, problems)
+        if lora is None:
+            continue
+        name = Path(lora.path).name
+        if name in names:
+            problems.append(f"loras.{index}.path: the same file name as loras.{names[name]} ({name}); each LoRA "
+                            f"is a row named after its file, so give them distinct names")
+            continue
+        names[name] = index
+        if item.network_multipliers is not None:
+            multipliers = item.network_multipliers
+        elif item.network_multiplier is not None:
+            multipliers = [item.network_multiplier]
+        else:
+            multipliers = req.network_multipliers or [1.0]
+        loras.append((lora, multipliers))
+    return loras
+
+
+def _lora(item: LoraIn, index: int, base_dir: Path, roots: list[Path], problems: list[str]) -> LoraSpec | None:
+    where = f"loras.{index}.path"
     if is_url(item.path):
         problems.append(f"{where}: URLs are not downloaded; put the file in the inbox and name its path")
         return None
@@ -232,8 +310,7 @@ def _lora(item: LoraIn, base_dir: Path, roots: list[Path], problems: list[str]) 
     if not lora_path.is_file():
         problems.append(f"{where}: file not found: {lora_path}")
         return None
-    multiplier = item.network_multiplier if item.network_multiplier is not None else 1.0
-    return LoraSpec(path=str(lora_path), network_multiplier=multiplier)
+    return LoraSpec(path=str(lora_path))
 
 
 def _prompt_settings(item: PromptIn, trigger_word: str | None, parse_flags: bool, seed: int, where: str,

@@ -100,3 +100,29 @@ def test_the_command_line_planner_raises_and_may_read_any_local_file(config, tmp
         handle.truncate(os.path.getsize(elsewhere) - 8)
     with pytest.raises(NotReady):
         Planner(config).plan_request(request, trusted=True)
+
+
+def test_a_sweep_request_names_every_cell_and_records_its_axes(config, tmp_path):
+    for step in (250, 500, 750):
+        _checkpoint(config.inbox / f"run_{step:09d}.safetensors", step=step)
+    request = config.inbox / "sweep.yaml"
+    request.write_text("model: qwen_image_2512\nprompts:\n  - prompt: a\n"
+                       "network_multipliers: [0.5, 1.0, 1.5]\nloras:\n" +
+                       "".join(f"  - path: run_{step:09d}.safetensors\n" for step in (250, 500, 750)))
+    tasks = Planner(config).plan(request).tasks
+    assert len(tasks) == 9 and len({t.target.image_name for t in tasks}) == 9
+    assert {(t.target.step, t.target.strength, t.target.seed) for t in tasks} == {
+        (step, m, None) for step in (250, 500, 750) for m in (0.5, 1.0, 1.5)}
+    assert tasks[1].target.image_name == "000000250_00_m1.png"
+    assert all(t.spec.lora.network_multiplier == t.target.strength for t in tasks)
+
+
+def test_loras_of_different_runs_with_the_same_step_are_named_by_file(config):
+    _checkpoint(config.inbox / "alice_000001000.safetensors", step=1000)
+    _checkpoint(config.inbox / "bob_000001000.safetensors", step=1000)
+    request = config.inbox / "pair.yaml"
+    request.write_text("model: qwen_image_2512\nprompts:\n  - prompt: a\n    seeds: [1, 2]\n"
+                       "loras:\n  - path: alice_000001000.safetensors\n  - path: bob_000001000.safetensors\n")
+    names = [t.target.image_name for t in Planner(config).plan(request).tasks]
+    assert names == ["alice_000001000_00_s1.png", "alice_000001000_00_s2.png", "bob_000001000_00_s1.png",
+                     "bob_000001000_00_s2.png"]

@@ -107,10 +107,72 @@ def test_schema_errors_name_every_field(inbox, store):
 
 def test_model_and_lora_count(inbox, store):
     got = problems(inbox, store, {"model": "sdxl", "prompts": [],
-                                  "loras": [{"path": "ck.safetensors"}, {"path": "ck.safetensors"}]})
+                                  "loras": [{"path": "ck.safetensors"}] * 65})
     assert got[0].startswith("model: unknown model id (known: qwen_image, ")
     assert any(p.startswith("prompts: List should have at least 1 item") for p in got)
-    assert "loras: only one LoRA per request (reference server SINGLE_LORA_ONLY)" in got
+    assert "loras: at most 64 LoRAs per request (each is a row of the grid, not stacked)" in got
+
+
+def _checkpoints(inbox, *names):
+    for name in names:
+        save_file({"w": np.zeros((2, 2), np.float16)}, str(inbox / name))
+    return [{"path": name} for name in names]
+
+
+def test_a_sweep_renders_every_lora_strength_prompt_and_seed_once(inbox, store):
+    loras = _checkpoints(inbox, "a_000000250.safetensors", "a_000000500.safetensors")
+    loras[1]["network_multipliers"] = [0.5, 1.5]
+    plan = read(inbox, store, {"model": "qwen_image_2512", "network_multipliers": [0.75, 1.0], "seeds": [1, 2, 3],
+                               "prompts": [{"prompt": "x"}, {"prompt": "y", "seed": 9},
+                                           {"prompt": "z", "seeds": [7, 8]}],
+                               "loras": loras})
+    got = [(i, s.lora.path.rsplit("/", 1)[1], s.lora.network_multiplier, s.seed) for i, s in plan.renders]
+    # LoRA, then strength (the costly switches), then prompt, then seed.
+    assert got[:6] == [(0, "a_000000250.safetensors", 0.75, 1), (0, "a_000000250.safetensors", 0.75, 2),
+                       (0, "a_000000250.safetensors", 0.75, 3), (1, "a_000000250.safetensors", 0.75, 9),
+                       (2, "a_000000250.safetensors", 0.75, 7), (2, "a_000000250.safetensors", 0.75, 8)]
+    assert len(got) == 2 * 2 * (3 + 1 + 2) == len(set(got))
+    assert {m for _i, name, m, _s in got if name == "a_000000500.safetensors"} == {0.5, 1.5}
+    assert plan.swept == {"strength", "seed"}
+
+
+def test_a_prompts_own_multiplier_collapses_the_strengths_it_overrides(inbox, store):
+    plan = read(inbox, store, {"model": "qwen_image_2512", "prompts": [{"prompt": "x"},
+                                                                       {"prompt": "y", "network_multiplier": 0.8}],
+                               "loras": [{"path": "ck.safetensors", "network_multipliers": [0.5, 1.0, 1.5]}]})
+    assert [(i, s.lora.network_multiplier) for i, s in plan.renders] == [(0, 0.5), (1, 0.8), (0, 1.0), (0, 1.5)]
+
+
+def test_a_request_without_sweep_fields_reads_as_before(inbox, store):
+    plan = read(inbox, store, SEED_EXAMPLE)
+    assert plan.swept == frozenset() and len(plan.renders) == 1
+
+
+def test_sweep_fields_are_checked(inbox, store):
+    (inbox / "other").mkdir()
+    save_file({"w": np.zeros((2, 2), np.float16)}, str(inbox / "other" / "ck.safetensors"))
+    got = problems(inbox, store, {"model": "qwen_image_2512", "seeds": [1, 1],
+                                  "prompts": [{"prompt": "x", "seed": 1, "seeds": [2]}, {"prompt": "y", "seeds": [-1]},
+                                              {"prompt": "z", "seed": [1, 2]}],
+                                  "loras": [{"path": "ck.safetensors", "network_multipliers": [0.5, 9]},
+                                            {"path": "ck.safetensors", "network_multiplier": [1, 2]},
+                                            {"path": "ck.safetensors", "network_multiplier": 1,
+                                             "network_multipliers": [1]}]})
+    assert "seeds: Value error, lists a value twice" in got
+    assert any(p.startswith("prompts.0: Value error, give `seed` or `seeds`, not both") for p in got)
+    assert "prompts.1.seeds.0: Input should be greater than or equal to 0 (got -1)" in got
+    assert any(p.startswith("prompts.2.seed: one value; to sweep several, name the list seeds") for p in got)
+    assert "loras.0.network_multipliers.1: Input should be less than or equal to 4 (got 9)" in got
+    assert any(p.startswith("loras.1.network_multiplier: one value; to sweep several, name the list "
+                            "network_multipliers") for p in got)
+    assert any(p.startswith("loras.2: Value error, give `network_multiplier` or `network_multipliers`") for p in got)
+    same = problems(inbox, store, {"model": "qwen_image_2512", "prompts": [{"prompt": "x"}],
+                                   "loras": [{"path": "ck.safetensors"}, {"path": "other/ck.safetensors"}]})
+    assert same == ["loras.1.path: the same file name as loras.0 (ck.safetensors); each LoRA is a row named after "
+                    "its file, so give them distinct names"]
+    huge = problems(inbox, store, {"model": "qwen_image_2512", "prompts": [{"prompt": "x", "seeds": list(range(1000))}],
+                                   "network_multipliers": [0.5, 1, 1.5], "loras": [{"path": "ck.safetensors"}]})
+    assert huge == ["(sweep): 3000 renders; at most 2048 per request"]
 
 
 def test_yaml_syntax_and_top_level(inbox, store):
