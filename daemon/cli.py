@@ -198,72 +198,29 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    import time
+
+    from previewd import status
     from previewd.queue import DatabaseUnavailable
 
     config = _load(args)
-    try:
-        store = _store(config)
+    while True:
         try:
-            revision = store.schema_revision()
-            now = store.now()
-            counts = {state.value: n for state, n in store.counts().items()}
-            running = store.list_jobs(states=["running"])
-            failed = store.list_jobs(states=["failed"], limit=args.limit)
-            workers = store.workers()
-            unreadable = store.unreadable()
-        finally:
-            store.close()
-    except DatabaseUnavailable as exc:
-        print(json.dumps({"database": {"reachable": False, "error": str(exc)}}, indent=2) if args.json else str(exc))
-        return EXIT_FAILURE
-
-    def job_view(job) -> dict:
-        target = job.payload.get("target", {})
-        return {"id": job.id, "state": job.state.value, "model": job.model, "attempts": job.attempts,
-                "progress": job.progress, "worker": job.worker_id, "checkpoint": target.get("checkpoint"),
-                "prompt_index": target.get("prompt_index"), "out_dir": target.get("out_dir"),
-                "last_error": job.last_error}
-
-    from previewd.rejections import rejected_inputs
-
-    def worker_view(worker) -> dict:
-        age = (now - worker.last_heartbeat).total_seconds()
-        # Dead workers are marked gone by the live ones; if none is left, age tells.
-        gone = worker.gone_at is not None or age > config.worker.lease_seconds
-        return {"id": worker.id, "host": worker.hostname, "pid": worker.pid, "device": worker.device,
-                "state": "gone" if gone else "live", "model": worker.model, "current_job": worker.current_job_id,
-                "last_heartbeat": worker.last_heartbeat.isoformat(), "heartbeat_age_seconds": round(age, 1)}
-
-    report = {"database": {"reachable": True, "schema": revision},
-              "counts": counts, "running": [job_view(j) for j in running],
-              "failed": [job_view(j) for j in failed],
-              "rejected_inputs": [{"path": str(path), "reason": reason}
-                                  for path, reason in rejected_inputs(list(config.watch_roots))],
-              "workers": [worker_view(w) for w in workers],
-              "unreadable": [{"job": u.job_id, "worker": u.worker_id, "host": u.hostname, "path": u.path,
-                              "at": u.at.isoformat(), "recheck_after": u.until.isoformat()} for u in unreadable]}
-    if args.json:
-        print(json.dumps(report, indent=2))
-        return EXIT_OK
-    print("jobs: " + ", ".join(f"{state} {n}" for state, n in sorted(counts.items())) if counts else "jobs: none")
-    for job in report["running"]:
-        progress = f"{job['progress'] * 100:.0f}%" if job["progress"] is not None else "starting"
-        print(f"running #{job['id']} {job['model']} {job['checkpoint'] or 'base'} prompt {job['prompt_index']}: "
-              f"{progress} on {job['worker']}")
-    for job in report["failed"]:
-        print(f"failed  #{job['id']} {job['model']} {job['checkpoint'] or 'base'} prompt {job['prompt_index']} "
-              f"after {job['attempts']} attempt(s): {job['last_error']}")
-    for rejected in report["rejected_inputs"]:
-        print(f"rejected {rejected['reason']}")
-    for mark in report["unreadable"]:
-        print(f"queued  #{mark['job']}: {mark['host']} ({mark['worker']}) cannot read {mark['path']}")
-    # By host, then device: one line per GPU.
-    for worker in report["workers"]:
-        doing = f"job #{worker['current_job']}" if worker["current_job"] else "idle"
-        loaded = f", {worker['model']} loaded" if worker["model"] else ""
-        print(f"worker {worker['host']} {worker['device'] or '-'}: {worker['state']}, {doing}{loaded}, "
-              f"heartbeat {worker['heartbeat_age_seconds']:.0f}s ago (pid {worker['pid']}, {worker['id']})")
-    return EXIT_OK
+            store = _store(config)
+            try:
+                report = status.build_report(config, store, failed_limit=args.limit)
+            finally:
+                store.close()
+        except DatabaseUnavailable as exc:
+            report = {"database": {"reachable": False, "error": str(exc)}}
+        text = json.dumps(report, indent=2) if args.json else (
+            status.format_text(report) if report["database"]["reachable"] else report["database"]["error"])
+        if args.watch and sys.stdout.isatty():
+            print("\x1b[H\x1b[2J", end="")  # redraw in place
+        print(text, flush=True)
+        if not args.watch:
+            return EXIT_OK if report["database"]["reachable"] else EXIT_FAILURE
+        time.sleep(args.watch)
 
 
 def _change(args: argparse.Namespace, action: str) -> int:

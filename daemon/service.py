@@ -148,6 +148,7 @@ class Service:
                                             model=self._renderer.model):
             self._register()  # deleted by the others while we could not reach the database
         self._worker.beat()
+        self._worker.report()
         for job in self._store.requeue_expired():
             log.warning("job %d: its worker stopped renewing the lease; now %s (%s)", job.id, job.state.value,
                         job.last_error)

@@ -46,6 +46,10 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+def _ignore(_phase: str) -> None:
+    """No one is listening for phases (`previewd render`)."""
+
+
 class Renderer:
     """Keeps one pipeline loaded; swaps models only when a task needs another one.
 
@@ -67,10 +71,11 @@ class Renderer:
         self._last_used = time.monotonic()
         self._versions = library_versions()
 
-    def _get(self, task: RenderTask, should_stop: Callable[[], bool] | None):
+    def _get(self, task: RenderTask, should_stop: Callable[[], bool] | None, on_phase: Callable[[str], None]):
         spec = task.spec
         source = self._config.model_source(spec.model, spec.base)
         if self.model == spec.model and self._source == source and self._pipeline is not None:
+            on_phase("encoding prompts")
             return self._pipeline
         self.close()
         factory = self._factory
@@ -85,10 +90,12 @@ class Renderer:
         device = str(getattr(pipeline, "device", "cpu"))
         plan = self._plan(pipeline, spec)
         self._wait_for_memory(device, plan.peak_bytes if plan is not None else 0, should_stop)
+        on_phase("loading model")
         started = time.monotonic()
         pipeline.load()
         log.info("loaded %s from %s in %.1fs", spec.model, source.path, time.monotonic() - started)
         self._pipeline, self.model, self._source, self.plan = pipeline, spec.model, source, plan
+        on_phase("encoding prompts")
         return pipeline
 
     def _plan(self, pipeline, spec):
@@ -96,7 +103,11 @@ class Renderer:
         plan_memory = getattr(pipeline, "plan_memory", None)
         if plan_memory is None:
             return None
-        plan = plan_memory(self._config.memory, spec.lora.path if spec.lora else None)
+        try:
+            plan = plan_memory(self._config.memory, spec.lora.path if spec.lora else None)
+        except Exception:  # noqa: BLE001 - a plan is advice: without one the model loads as configured
+            log.exception("%s: no memory plan; loading it whole onto %s", spec.model, self._config.device)
+            return None
         log.log(logging.INFO if plan.fits else logging.WARNING, "memory plan: %s", plan.summary())
         return plan
 
@@ -131,9 +142,12 @@ class Renderer:
         self.close()
         return True
 
-    def render(self, task: RenderTask, *, on_step=None, should_stop=None) -> RenderResult:
+    def render(self, task: RenderTask, *, on_step=None, should_stop=None, on_phase=None) -> RenderResult:
+        """`on_phase(name)` hears "loading model" and "encoding prompts"; denoising and decoding
+        follow from `on_step`."""
         try:
-            result = self._get(task, should_stop).render(task.spec, on_step=on_step, should_stop=should_stop)
+            result = self._get(task, should_stop, on_phase or _ignore).render(
+                task.spec, on_step=on_step, should_stop=should_stop)
         except PipelineOutOfMemory as exc:
             message = str(exc)
         else:
@@ -184,6 +198,8 @@ class Worker:
                                    base_delay=config.worker.retry_delay_seconds)
         self.current: Job | None = None
         self.progress: float | None = None
+        self._phase: tuple[str, int | None, int | None] | None = None
+        self._reported: tuple[str, int | None, int | None] | None = None
         self.failed = 0
         """Jobs this worker failed for good (no retry left)."""
         self._lost = threading.Event()
@@ -199,6 +215,7 @@ class Worker:
             return False
         self._lost.clear()
         self.progress = None
+        self._phase = self._reported = None
         self._last_renewal = time.monotonic()
         self.current = job
         try:
@@ -220,6 +237,26 @@ class Worker:
         if not alive and self.current is job:
             self._lost.set()
 
+    def report(self) -> None:
+        """Write the running job's phase and denoising step if they changed; called once a second
+        from the tick thread, so a fast denoising loop costs one write a second."""
+        job, phase = self.current, self._phase
+        if job is None or phase is None or phase == self._reported:
+            return
+        self._reported = phase
+        name, step, steps = phase
+        self._store.report_progress(job.id, self._worker, phase=name, step=step, steps=steps)
+
+    def _set_phase(self, name: str, step: int | None = None, steps: int | None = None) -> None:
+        changed = self._phase is None or self._phase[0] != name
+        self._phase = (name, step, steps)
+        if changed and self.current is not None:
+            # A new phase is written at once, so a short one is seen too; a lost write is retried by report().
+            try:
+                self.report()
+            except Exception:  # noqa: BLE001 - progress is a courtesy: never fail a render over it
+                self._reported = None
+
     def _run(self, job: Job, stop: threading.Event) -> None:
         try:
             task = RenderTask.model_validate(job.payload)
@@ -238,12 +275,14 @@ class Worker:
 
         def on_step(done: int, total: int) -> None:
             self.progress = done / total if total else None
+            self._set_phase("denoising" if done < total else "decoding", done, total)
 
         log.info("job %d: rendering %s prompt %d of %s (attempt %d)", job.id, task.spec.model,
                  task.target.prompt_index, task.target.checkpoint or "base model", job.attempts)
         try:
-            result = self._renderer.render(task, on_step=on_step,
+            result = self._renderer.render(task, on_step=on_step, on_phase=self._set_phase,
                                            should_stop=lambda: stop.is_set() or self._lost.is_set())
+            self._set_phase("writing")
             entry = self._renderer.write(task, result, job_id=job.id)
         except RenderInterrupted:
             if self._lost.is_set():

@@ -35,6 +35,10 @@ class Job(_FromRow):
     lease_expires_at: datetime | None
     run_after: datetime | None
     progress: float | None
+    phase: str | None
+    """What it is doing while running (loading model, encoding prompts, denoising, decoding, writing)."""
+    step: int | None
+    steps: int | None
     last_error: str | None
     result: dict[str, Any] | None
     created_at: datetime

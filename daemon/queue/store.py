@@ -175,7 +175,8 @@ class JobStore:
                     .where(jobs.c.id == job_id, jobs.c.state == QUEUED)
                     .values(state=RUNNING, worker_id=worker_id,
                             lease_expires_at=now + timedelta(seconds=lease_seconds),
-                            attempts=jobs.c.attempts + 1, started_at=now, updated_at=now)
+                            attempts=jobs.c.attempts + 1, started_at=now, updated_at=now,
+                            progress=None, phase=None, step=None, steps=None)
                     .returning(jobs)
                 ).one_or_none()
                 if row is not None:
@@ -198,6 +199,18 @@ class JobStore:
                 .where(jobs.c.id == job_id, jobs.c.state == RUNNING,
                        jobs.c.worker_id == worker_id)
                 .values(**values)
+            )
+            return result.rowcount == 1
+
+    def report_progress(self, job_id: int, worker_id: str, *, phase: str, step: int | None = None,
+                        steps: int | None = None) -> bool:
+        """Record what the running job is doing; False when it is no longer this worker's."""
+        with self._write() as (conn, now):
+            result = conn.execute(
+                sa.update(jobs)
+                .where(jobs.c.id == job_id, jobs.c.state == RUNNING, jobs.c.worker_id == worker_id)
+                .values(phase=phase, step=step, steps=steps, updated_at=now,
+                        progress=step / steps if step is not None and steps else None)
             )
             return result.rowcount == 1
 
@@ -309,15 +322,32 @@ class JobStore:
         return None if row is None else Job.from_row(row)
 
     def list_jobs(self, *, states: Iterable[JobState | str] | None = None,
-                  group: str | None = None, limit: int | None = None) -> list[Job]:
-        """Jobs in enqueue order, optionally only those in `states` and `group`."""
-        query = sa.select(jobs).order_by(jobs.c.id).limit(limit)
+                  group: str | None = None, limit: int | None = None, newest_first: bool = False) -> list[Job]:
+        """Jobs in enqueue order (or the newest first), optionally only those in `states` and `group`."""
+        query = sa.select(jobs).order_by(jobs.c.id.desc() if newest_first else jobs.c.id).limit(limit)
         if states is not None:
             query = query.where(jobs.c.state.in_([JobState(s) for s in states]))
         if group is not None:
             query = query.where(jobs.c.group == group)
         with self._read() as conn:
             return [Job.from_row(row) for row in conn.execute(query)]
+
+    def group_counts(self) -> dict[str, dict[JobState, int]]:
+        """Jobs per group (output folder) and state."""
+        query = sa.select(jobs.c.group, jobs.c.state, sa.func.count()).group_by(jobs.c.group, jobs.c.state)
+        found: dict[str, dict[JobState, int]] = {}
+        with self._read() as conn:
+            for group, state, n in conn.execute(query):
+                found.setdefault(group, {})[JobState(state)] = n
+        return found
+
+    def recent_durations(self, model: str, limit: int = 20) -> list[float]:
+        """Seconds the latest done jobs of `model` took from claim to finish, newest first."""
+        query = (sa.select(jobs.c.started_at, jobs.c.finished_at)
+                 .where(jobs.c.model == model, jobs.c.state == DONE, jobs.c.started_at.is_not(None))
+                 .order_by(jobs.c.finished_at.desc()).limit(limit))
+        with self._read() as conn:
+            return [(done - started).total_seconds() for started, done in conn.execute(query)]
 
     def counts(self) -> dict[JobState, int]:
         """Number of jobs per state; every state is present."""

@@ -50,3 +50,39 @@ def test_a_missing_model_fails_its_jobs_at_once_beside_the_run_without_retries(t
     assert sum("ModelNotFound" in line for line in log.splitlines()) == 2
     lines = [line.split(" ", 2)[-1] for line in log.splitlines()]  # without the timestamp
     assert len(lines) == len(set(lines)), "a log line is repeated"
+
+
+def test_status_shows_the_phase_and_a_growing_step_count_with_an_eta(tmp_path, tiny_model):
+    import json
+    import time
+
+    model = tiny_model("qwen_image_2512")
+    config_path = tmp_path / "config.yaml"
+    text = render_config(settle_seconds=0.2, idle_poll_seconds=0.2)
+    config_path.write_text(text[: text.index("models:")] + f"models:\n  qwen_image_2512:\n    path: {model}\n")
+    config = load_config(config_path)
+    config.inbox.mkdir(parents=True)
+    (config.inbox / "long.yaml").write_text("model: qwen_image_2512\nprompts:\n  - prompt: a fox\n    width: 64\n"
+                                            "    height: 64\n    sample_steps: 150\n")
+    log = open(tmp_path / "daemon.log", "wb")
+    daemon = subprocess.Popen([sys.executable, "-m", "previewd", "run", "-c", str(config_path), "--exit-when-idle"],
+                              stdout=log, stderr=subprocess.STDOUT)
+    seen = []
+    try:
+        deadline = time.monotonic() + 240
+        while daemon.poll() is None and time.monotonic() < deadline:
+            out = subprocess.run([sys.executable, "-m", "previewd", "status", "-c", str(config_path), "--json"],
+                                 capture_output=True, text=True)
+            if out.returncode == 0:
+                for job in json.loads(out.stdout)["running"]:
+                    seen.append((job["phase"], job["denoise_step"], job["denoise_steps"], job["eta_seconds"]))
+            time.sleep(0.1)
+        assert daemon.wait(timeout=60) == 0, (tmp_path / "daemon.log").read_text()[-3000:]
+    finally:
+        daemon.kill()
+    denoising = [s for s in seen if s[0] == "denoising"]
+    assert len({step for _phase, step, _n, _eta in denoising}) >= 2, seen
+    steps = [step for _phase, step, _n, _eta in denoising]
+    assert steps == sorted(steps) and all(n == 150 for _p, _s, n, _e in denoising)
+    assert all(eta is not None and eta >= 0 for *_rest, eta in denoising if _rest[1])
+    assert {"loading model", "encoding prompts"} & {s[0] for s in seen} or seen[0][0] == "denoising"
