@@ -307,7 +307,9 @@ def parser() -> argparse.ArgumentParser:
 
     sp = with_config(sub.add_parser("status", help="queue state and progress"))
     sp.add_argument("--json", action="store_true")
-    sp.add_argument("--limit", type=int, default=20, help="failed jobs to list")
+    sp.add_argument("--limit", type=int, default=20, help="failed jobs to list (the newest)")
+    sp.add_argument("--watch", type=float, nargs="?", const=2.0, metavar="SECONDS",
+                    help="refresh every SECONDS (default 2) until interrupted")
     sp.set_defaults(func=cmd_status)
 
     for action, what, every in (("retry", "requeue failed or cancelled jobs", "--failed"),
