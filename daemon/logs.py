@@ -7,10 +7,14 @@ so `journalctl -p err -u previewd` shows failures. Elsewhere lines carry a times
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import sys
+import threading
+import time
+from collections.abc import Iterator
 from typing import TextIO
 
 # syslog priorities (sd-daemon(3)): 3 err, 4 warning, 6 info, 7 debug; critical is 2.
@@ -61,3 +65,23 @@ def setup_logging(level: str, stream: TextIO = sys.stderr) -> None:
 def interactive() -> bool:
     """Progress bars only make sense on a terminal."""
     return sys.stderr.isatty()
+
+
+@contextlib.contextmanager
+def still_busy(logger: logging.Logger, what: str, every: float = 30.0) -> Iterator[None]:
+    """Log "still <what> (N s)" every `every` seconds while the block runs: a model load shows a
+    progress bar on a terminal, and in a log it would otherwise look like a hang."""
+    done = threading.Event()
+    started = time.monotonic()
+
+    def tell() -> None:
+        while not done.wait(every):
+            logger.info("still %s (%.0f s)", what, time.monotonic() - started)
+
+    teller = threading.Thread(target=tell, name="previewd-still-busy", daemon=True)
+    teller.start()
+    try:
+        yield
+    finally:
+        done.set()
+        teller.join()

@@ -19,6 +19,7 @@ from previewd import outbox, rejections, shared_state
 from previewd.config import Config
 from previewd.dispatch import lora_affinity
 from previewd.errors import JobStateError, PipelineError, PipelineOutOfMemory, RenderInterrupted
+from previewd.logs import still_busy
 from previewd.manifest import ControlRef, RenderEntry
 from previewd.queue import DatabaseUnavailable, Job, JobState, JobStore
 from previewd.retry import RetryPolicy
@@ -92,7 +93,8 @@ class Renderer:
         self._wait_for_memory(device, plan.peak_bytes if plan is not None else 0, should_stop)
         on_phase("loading model")
         started = time.monotonic()
-        pipeline.load()
+        with still_busy(log, f"loading {spec.model} from {source.path}"):
+            pipeline.load()
         log.info("loaded %s from %s in %.1fs", spec.model, source.path, time.monotonic() - started)
         self._pipeline, self.model, self._source, self.plan = pipeline, spec.model, source, plan
         on_phase("encoding prompts")

@@ -183,6 +183,10 @@ def test_readme_demo_renders_example(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-4000:]
     assert len(_renders(demo / "inbox" / "example_lora" / "previews")) == 4
     assert len(_renders(demo / "outbox" / "example_request")) == 1
+    # A log captured off a terminal: no progress bars or escape codes, each event said once.
+    assert "\x1b" not in done.stderr and "\r" not in done.stderr and "it/s" not in done.stderr
+    events = [line.split(" ", 2)[-1] for line in done.stderr.splitlines()]  # without the timestamp
+    assert len(events) == len(set(events)), [e for e in events if events.count(e) > 1]
 
 
 def test_a_killed_daemon_finishes_every_job_exactly_once(tmp_path: Path, tiny_qwen: Path) -> None:

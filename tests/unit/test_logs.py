@@ -41,3 +41,15 @@ def test_setup_replaces_handlers_and_accepts_any_case():
     logging.getLogger("previewd.test").info("again")
     lines = stream.getvalue().splitlines()
     assert len(lines) == 2 and lines[0].endswith("previewd.test: hello")
+
+
+def test_a_long_block_is_reported_while_it_runs(caplog):
+    import time
+
+    from previewd.logs import still_busy
+
+    with caplog.at_level(logging.INFO, logger="previewd.test"):
+        with still_busy(logging.getLogger("previewd.test"), "loading qwen_image_2512", every=0.05):
+            time.sleep(0.18)
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) >= 2 and all(m.startswith("still loading qwen_image_2512 (") for m in said)
