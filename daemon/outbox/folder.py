@@ -15,6 +15,7 @@ import fcntl
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,7 +28,7 @@ from previewd.aitk_samples import find_samples
 from previewd.fileio import atomic_write
 from previewd.manifest import MANIFEST_VERSION, Manifest, PlannedCell, RenderEntry
 from previewd.outbox import grid as grids, page as pages, table as tables
-from previewd.outbox.images import compare, png_bytes, read_record, thumbnail
+from previewd.outbox.images import compare, jpeg_bytes, read_record, thumbnail
 from previewd.tasks import OutputTarget
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,9 @@ GRID = "grid.png"
 LOCK = ".manifest.lock"
 """Serialises writers of one folder; its presence also marks the folder as previewd's output."""
 _IMAGE_SUFFIXES = (".png", ".jpg")
+GRID_SHARE = 0.1
+"""grid.png is painted again once this share of the time since its last painting has passed, at
+the latest on a flush: a long run's sheet takes seconds to encode, and the page is what is watched."""
 
 
 @contextlib.contextmanager
@@ -140,9 +144,15 @@ class Folder:
     _job_dir: Path | None = None
     _images: dict[str, Image.Image] = field(default_factory=dict)
     """This batch's full-size renders, to compare with ai-toolkit's samples without reading them back."""
+    _grid_at: float = float("-inf")
+    _grid_cost: float = 0.0
+    grid_stale: bool = True
+    """grid.png lags behind the manifest (painted less often; one this process has not painted may)."""
 
-    def fold(self, ops: list[Op]) -> None:
+    def fold(self, ops: list[Op], *, final: bool = False) -> None:
+        """Take `ops` into the folder's files; `final`: grid.png too, however recently it was painted."""
         if not self.path.is_dir():  # removed since: nothing to keep up to date
+            self.grid_stale = False
             return
         with locked(self.path):
             changed = self._sync()
@@ -155,8 +165,13 @@ class Folder:
                 else:
                     changed |= self._add_cell(op)
             changed |= self._backfill(thumbs)
-            if changed:  # rescans record the same queued cells again and again
-                self._write(self._manifest(), thumbs)
+            # Rescans record the same queued cells again and again: no change, no write.
+            if changed or (self.grid_stale and (final or self.grid_due() <= time.monotonic())):
+                self._write(self._manifest(), thumbs, final=final)
+
+    def grid_due(self) -> float:
+        """When grid.png may be painted again (time.monotonic())."""
+        return self._grid_at + self._grid_cost / GRID_SHARE
 
     # -- state --------------------------------------------------------------------------------
     def _sync(self) -> bool:
@@ -167,6 +182,8 @@ class Folder:
             return False
         read = read_manifest(self.path)
         manifest = read or Manifest()
+        if manifest.version < MANIFEST_VERSION:  # version 1 named files by absolute path
+            manifest.renders = [portable(r, self.path) for r in manifest.renders]
         self._renders = {r.image: r for r in manifest.renders}
         self._pending = {c.image: c for c in manifest.pending}
         self._failed = {c.image: c for c in manifest.failed}
@@ -216,7 +233,7 @@ class Folder:
         self._head.model = entry.model
         if self.options.grid or self.options.page:
             thumb = thumbnail(op.image)
-            atomic_write(self.path / pages.thumb_name(entry.image), png_bytes(thumb))
+            atomic_write(self.path / pages.thumb_name(entry.image), jpeg_bytes(thumb))
             thumbs[(entry.image, 0)] = thumb
         self._images[entry.image] = op.image
 
@@ -256,7 +273,7 @@ class Folder:
             self._json.pop(entry.image, None)
             paired = True
             if thumb is not None and (self.options.grid or self.options.page):
-                atomic_write(self.path / pages.thumb_name(entry.image, aitk=True), png_bytes(thumb))
+                atomic_write(self.path / pages.thumb_name(entry.image, aitk=True), jpeg_bytes(thumb))
                 thumbs[(entry.image, 1)] = thumb
         return paired
 
@@ -269,7 +286,7 @@ class Folder:
         return manifest
 
     # -- files --------------------------------------------------------------------------------
-    def _write(self, manifest: Manifest, thumbs: dict) -> None:
+    def _write(self, manifest: Manifest, thumbs: dict, *, final: bool) -> None:
         atomic_write(self.path / MANIFEST, self._manifest_json(manifest))
         self._signature = _signature(self.path / MANIFEST)
         if not (self.options.grid or self.options.page):
@@ -283,10 +300,14 @@ class Folder:
                 if not page.is_file() or page.read_bytes() != html:
                     atomic_write(page, html)
                 self._page_written = True
-        if self.options.grid:
+        self.grid_stale = self.options.grid
+        if self.options.grid and (final or self.grid_due() <= time.monotonic()):
+            started = time.monotonic()
             atomic_write(self.path / GRID, self._painter.paint(
                 table, manifest, lambda entry, slot: self._thumb(entry, slot, thumbs),
                 aitk_column=self.options.aitk_column))
+            self._grid_at = time.monotonic()
+            self._grid_cost, self.grid_stale = self._grid_at - started, False
 
     def _manifest_json(self, manifest: Manifest) -> bytes:
         """manifest.json with one line per render, each serialised once and reused until it changes."""

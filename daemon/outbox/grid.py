@@ -216,7 +216,7 @@ class GridPainter:
             elif stamp is not None:
                 draw.text((x + 2, y + 2), "(missing)", fill="red", font=font(geo.font_size))
             self._stamps[key] = stamp
-        return png_bytes(sheet, fast=True)
+        return png_bytes(sheet)
 
     def _reframe(self, geo: Geometry, table: Table) -> None:
         """A new frame; tiles painted on the old sheet at the same tile size are copied across."""

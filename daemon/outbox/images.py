@@ -52,7 +52,8 @@ def encode_image(image: Image.Image, fmt: str, entry: RenderEntry) -> bytes:
         info = PngImagePlugin.PngInfo()
         info.add_text(RECORD_KEY, record)
         info.add_itxt("parameters", a1111_parameters(entry))
-        image.save(buffer, format="PNG", pnginfo=info)
+        # The render thread waits for this: zlib's fastest level halves the time for ~10% more bytes.
+        image.save(buffer, format="PNG", pnginfo=info, compress_level=1)
     else:
         image.convert("RGB").save(buffer, format="JPEG", quality=95, comment=record.encode())
     return buffer.getvalue()
@@ -62,10 +63,10 @@ def read_record(path: Path) -> RenderEntry | None:
     """The manifest entry an image of ours carries (None: not ours, or unreadable)."""
     try:
         with Image.open(path) as image:
-            text = image.text.get(RECORD_KEY) if hasattr(image, "text") else None
-            if text is None:
-                comment = image.info.get("comment")
-                text = comment.decode() if isinstance(comment, bytes) else comment
+            # `info` holds the text chunks written before the pixels; `.text` would decode them all.
+            text = image.info.get(RECORD_KEY) or image.info.get("comment")
+            if isinstance(text, bytes):
+                text = text.decode()
     except (OSError, ValueError, UnicodeDecodeError):
         return None
     if not text:
@@ -82,9 +83,16 @@ def thumbnail(image: Image.Image) -> Image.Image:
     return thumb
 
 
-def png_bytes(image: Image.Image, *, fast: bool = False) -> bytes:
+def png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=1 if fast else 6)
+    image.save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def jpeg_bytes(image: Image.Image) -> bytes:
+    """Thumbnails are only looked at: JPEG encodes an order of magnitude faster than PNG."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=85)
     return buffer.getvalue()
 
 

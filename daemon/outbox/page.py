@@ -25,7 +25,7 @@ def page_html() -> bytes:
 
 
 def thumb_name(image: str, *, aitk: bool = False) -> str:
-    return f"{THUMBS}/{image}.aitk.png" if aitk else f"{THUMBS}/{image}.png"
+    return f"{THUMBS}/{image}.aitk.jpg" if aitk else f"{THUMBS}/{image}.jpg"
 
 
 def _meta(c: RenderEntry | PlannedCell) -> str:

@@ -66,13 +66,14 @@ class OutboxWriter:
             with self._cond:
                 while not (batch := self._ready()):
                     self._cond.wait(self._wait())
+                final = bool(self._urgent)
                 work = [(d, self._ops.pop(d), self._options.get(d)) for d in batch]
                 for d in batch:
                     self._due.pop(d, None)
                 self._busy = True
             try:
                 for out_dir, ops, options in work:
-                    self._fold(out_dir, ops, options)
+                    self._fold(out_dir, ops, options, final=final)
             finally:
                 with self._cond:
                     self._busy = False
@@ -89,19 +90,22 @@ class OutboxWriter:
             return None
         return max(0.0, min(self._due.values()) - time.monotonic())
 
-    def _fold(self, out_dir: Path, ops: list[Op], options: Options | None) -> None:
+    def _fold(self, out_dir: Path, ops: list[Op], options: Options | None, *, final: bool) -> None:
         folder = self._folders.pop(out_dir, None) or Folder(out_dir)
         if options is not None:
             folder.options = options
         started = time.monotonic()
         try:
-            folder.fold(ops)
+            folder.fold(ops, final=final)
         except Exception:  # noqa: BLE001 - the images are written; their records restore the rest
             log.exception("%s: could not update the manifest, grid and page", out_dir)
             return  # its state is dropped: the next write reads the folder afresh
         took = time.monotonic() - started
         with self._cond:
             self._rest_until[out_dir] = time.monotonic() + took * (1 / self._busy_share - 1)
+            if folder.grid_stale:  # painted later, with or without news; a flush paints it now
+                self._ops.setdefault(out_dir, [])
+                self._due.setdefault(out_dir, max(folder.grid_due(), self._rest_until[out_dir]))
         self._folders[out_dir] = folder
         while len(self._folders) > _KEPT_FOLDERS:
             self._folders.popitem(last=False)

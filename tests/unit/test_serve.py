@@ -66,7 +66,7 @@ def test_a_run_page_its_images_and_ai_toolkits_samples_are_served(served):
     status, body, headers = _get(base + "/1/my_run/previews/")  # root 1: the inbox
     assert status == 200 and b'<script src="manifest.js"></script>' in body
     assert "default-src 'self'" in headers["Content-Security-Policy"]
-    for path in ("manifest.js", "manifest.json", "grid.png", "000000250_00.png", ".thumbs/000000250_00.png.png",
+    for path in ("manifest.js", "manifest.json", "grid.png", "000000250_00.png", ".thumbs/000000250_00.png.jpg",
                  "../samples/1__000000250_0.png"):
         status, body, headers = _get(f"{base}/1/my_run/previews/{path}")
         assert status == 200 and body, path
