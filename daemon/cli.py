@@ -136,6 +136,46 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Each model's components, bytes and chosen placement, without loading weights."""
+    from dataclasses import asdict
+
+    from previewd.pipelines import device as devices
+    from previewd.pipelines import memory
+    from previewd.pipelines.model_sources import resolve_source
+    from previewd.spec import MODEL_IDS
+
+    unknown = sorted(set(args.model) - set(MODEL_IDS))
+    if unknown:
+        raise ConfigError(f"unknown model id(s) {', '.join(unknown)} (known: {', '.join(MODEL_IDS)})")
+    config = _load(args)
+    if args.budget_gb is not None:
+        # Planning for a card this machine may not have.
+        device, dtype = "cuda", config.dtype if config.dtype != "auto" else "bfloat16"
+        settings = memory.MemorySettings(budget_bytes=int(args.budget_gb * memory.GiB),
+                                         placement=config.memory.placement,
+                                         quantize_to_fit=config.memory.quantize_to_fit,
+                                         reserve_bytes=int(config.memory.reserve_gb * memory.GiB))
+    else:
+        device, dtype = devices.resolve(config.device, config.dtype)
+        settings = memory.settings_for(config.memory, device)
+    plans = []
+    for model_id in args.model or list(config.models) or MODEL_IDS:
+        source = config.model_source(model_id)
+        try:
+            resolve_source(source.path)
+        except PreviewdError as exc:
+            print(f"{model_id}: {exc}; planned from the released model's config")
+        plan = memory.plan_model(model_id, source, device=device, dtype=dtype, settings=settings,
+                                 run_precision=memory.source_precision(source))
+        plans.append(plan)
+        if not args.json:
+            print(f"== {model_id} ({source.path})\n{plan.table()}\n")
+    if args.json:
+        print(json.dumps([asdict(plan) for plan in plans], indent=2, default=str))
+    return EXIT_OK
+
+
 def _open(config: Config):
     from previewd.queue.store import JobStore
 
@@ -304,6 +344,13 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--systemd-dropin", action="store_true",
                     help="print the systemd drop-in (ReadWritePaths) for the folders this config writes to")
     sp.set_defaults(func=cmd_doctor)
+
+    sp = with_config(sub.add_parser("plan", help="memory plan of each model: components, bytes, placement, "
+                                                 "planned peak (no weights loaded)"))
+    sp.add_argument("model", nargs="*", help="model ids (default: the configured ones)")
+    sp.add_argument("--budget-gb", type=float, help="plan for a CUDA card with this many GiB (default: memory:)")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_plan)
 
     sp = with_config(sub.add_parser("status", help="queue state and progress"))
     sp.add_argument("--json", action="store_true")

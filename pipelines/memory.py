@@ -178,18 +178,19 @@ class ComponentOrigin:
 
 
 def _component_folders(model_id: str, source: ModelSource) -> dict[str, Path] | None:
-    from previewd.errors import ConfigError
+    from previewd.errors import PreviewdError
     from previewd.pipelines.model_sources import resolve_source
 
+    # A model not on this machine is planned from its released config (the caller says so).
     try:
         root = resolve_source(source.path)
-    except ConfigError:
+    except PreviewdError:
         return None
     folders = {name: root / name for name in COMPONENTS}
     if source.text_encoder:
         try:
             te_root = resolve_source(source.text_encoder)
-        except ConfigError:
+        except PreviewdError:
             return None
         folders["text_encoder"] = te_root / "text_encoder" if (te_root / "text_encoder").is_dir() else te_root
     return folders
@@ -300,6 +301,8 @@ class MemoryPlan:
     host_bytes: int
     budget_bytes: int | None
     lora_rank: int
+    swap_for_encode: bool = False
+    """te_offload: the transformer and VAE leave the device while the text encoder runs."""
     sources: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -354,15 +357,19 @@ def _evaluate(model_id: str, sizes: dict[str, ComponentSize], device: str, dtype
     # delta and an fp32 copy of one weight live at once. Quantised runs keep the LoRA as a branch.
     merge = 2 * 4 * tr.largest_linear() if precision.transformer == "full" else 0
     te_w, tr_w, vae_w = weights["text_encoder"], weights["transformer"], weights["vae"]
+    swap = False
     if placement == "resident":
         base = te_w + tr_w + vae_w
         phases = {"encode": base + work["text_encoder"], "denoise": base + max(work["transformer"], merge),
                   "decode": base + work["vae"]}
         host = 0
     elif placement == "te_offload":
-        phases = {"encode": te_w + work["text_encoder"],
+        # The transformer and VAE step off while the encoder runs, unless all fit at once.
+        together = te_w + tr_w + vae_w + work["text_encoder"]
+        swap = settings.budget_bytes is not None and together + settings.reserve_bytes > settings.budget_bytes
+        phases = {"encode": te_w + work["text_encoder"] if swap else together,
                   "denoise": tr_w + vae_w + max(work["transformer"], merge), "decode": tr_w + vae_w + work["vae"]}
-        host = max(te_w, tr_w)
+        host = max(te_w, tr_w + vae_w) if swap else te_w
     elif placement == "model_offload":
         phases = {"encode": te_w + work["text_encoder"], "denoise": tr_w + max(work["transformer"], merge),
                   "decode": vae_w + work["vae"]}
@@ -376,7 +383,7 @@ def _evaluate(model_id: str, sizes: dict[str, ComponentSize], device: str, dtype
         host = te_w + tr_w
     peak = max(phases.values()) + settings.reserve_bytes
     return MemoryPlan(model_id=model_id, device=device, dtype=dtype, placement=placement, precision=precision,
-                      run_precision=run_precision, components=weights,
+                      run_precision=run_precision, components=weights, swap_for_encode=swap,
                       activations={n: sizes[n].activations for n in COMPONENTS}, phases=phases, peak_bytes=peak,
                       host_bytes=host, budget_bytes=settings.budget_bytes, lora_rank=lora_rank,
                       sources={n: sizes[n].source for n in COMPONENTS})

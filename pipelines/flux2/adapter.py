@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from previewd.catalog import MODELS, snap
+from previewd.config import MemoryConfig
 from previewd.errors import ConfigError, ControlImageError, NonFiniteOutput
 from previewd.pipelines import device as devices
 from previewd.pipelines.base import StepCallback, StopCheck, Stopwatch, check_spec
@@ -28,7 +29,9 @@ from previewd.pipelines.flux2 import numerics, sampler
 from previewd.pipelines.flux2 import text as flux2_text
 from previewd.pipelines.flux2 import vae as flux2_vae
 from previewd.pipelines.lru import LruCache
+from previewd.pipelines.memory import MemoryPlan, plan_model, settings_for, source_precision
 from previewd.pipelines.model_sources import resolve_source
+from previewd.pipelines.placement import Placer
 from previewd.spec import NUMBERED_CONTROL_SLOTS, ModelSource, RenderResult, RenderSpec
 
 PROMPT_CACHE_SIZE = 32
@@ -90,6 +93,8 @@ class Flux2Preview:
         self.processor = None
         self.merger: flux2_lora.LoraMerger | None = None
         self.prompts: LruCache[str, torch.Tensor] = LruCache(PROMPT_CACHE_SIZE)
+        self.plan: MemoryPlan | None = None
+        self._placer = Placer(None, device)
         """Valid across LoRA switches: LoRAs touch only the transformer."""
 
     # -- loading -----------------------------------------------------------------------------
@@ -101,46 +106,64 @@ class Flux2Preview:
 
         root = resolve_source(self.source.path)
         options = {"torch_dtype": self.dtype, "local_files_only": True}
+        placer = Placer(self.plan, self.device)
         with devices.raise_oom_as(self.model_id, self.device):
             try:
-                transformer = Flux2Transformer2DModel.from_pretrained(root, subfolder="transformer", **options)
-                self.vae = AutoencoderKLFlux2.from_pretrained(root, subfolder="vae", **options)
+                transformer = Flux2Transformer2DModel.from_pretrained(
+                    root, subfolder="transformer", **options, **placer.load_kwargs("transformer"))
+                self.vae = AutoencoderKLFlux2.from_pretrained(root, subfolder="vae", **options,
+                                                              **placer.load_kwargs("vae"))
             except (OSError, ValueError) as exc:
                 raise ConfigError(f"flux2: cannot load the diffusers-layout model at {root}: {exc}") from exc
-            transformer.to(self.device).eval().requires_grad_(False)
-            self.vae.to(self.device).eval().requires_grad_(False)
+            transformer.to(placer.home("transformer")).eval().requires_grad_(False)
+            self.vae.to(placer.home("vae")).eval().requires_grad_(False)
             numerics.match_transformer(transformer)
             numerics.match_vae(self.vae)
-            self._load_text_encoder(root)
+            placer.quantize_to_fit("transformer", transformer)
+            self._load_text_encoder(root, placer)
+            placer.install_modules(text_encoder=self.text_encoder, transformer=transformer, vae=self.vae)
         self.merger = flux2_lora.LoraMerger(transformer)
-        self.transformer = transformer
+        self.transformer, self._placer = transformer, placer
 
-    def _load_text_encoder(self, model_root: Path) -> None:
+    def plan_memory(self, memory: MemoryConfig, lora_path: str | None = None) -> MemoryPlan:
+        """Choose where the components go (before `load`), for the configured memory settings."""
+        self.plan = plan_model(self.model_id, self.source, device=self.device, dtype=self.dtype_name,
+                               settings=settings_for(memory, self.device),
+                               run_precision=source_precision(self.source), lora_path=lora_path)
+        return self.plan
+
+    def _load_text_encoder(self, model_root: Path, placer: Placer) -> None:
         from transformers import AutoProcessor, Mistral3ForConditionalGeneration
 
         root = resolve_source(self.source.text_encoder) if self.source.text_encoder else model_root
         # A diffusers-layout folder keeps them in subfolders; a plain Mistral repo at its root.
         weights = root / "text_encoder" if (root / "text_encoder").is_dir() else root
         tokenizer = root / "tokenizer" if (root / "tokenizer").is_dir() else root
+        quantized = self.source.quantize_text_encoder == "qfloat8"
+        # A quantised encoder is quantised in host memory: its full-precision weights never reach the GPU.
+        placed = {} if quantized else placer.load_kwargs("text_encoder")
         try:
             encoder = Mistral3ForConditionalGeneration.from_pretrained(weights, dtype=self.dtype,
-                                                                       local_files_only=True)
+                                                                       local_files_only=True, **placed)
             self.processor = AutoProcessor.from_pretrained(tokenizer, local_files_only=True)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"flux2: cannot load the Mistral-3 text encoder at {root}: {exc}") from exc
         # ai-toolkit casts the loaded encoder to the model dtype; that also rounds the rotary inv_freq
         # buffers, which from_pretrained keeps in float32, and changes every bf16 embedding.
-        encoder.to(self.device, dtype=self.dtype).eval().requires_grad_(False)
-        if self.source.quantize_text_encoder == "qfloat8":
-            # ai-toolkit quantises every Linear/Conv2d of the encoder (no exclusions), after moving it.
+        encoder.to(dtype=self.dtype).eval().requires_grad_(False)
+        if quantized:
+            # ai-toolkit quantises every Linear/Conv2d of the encoder (no exclusions); the absmax scales
+            # and float8 casts are exact elementwise operations, the same in host memory as on the GPU.
             from optimum.quanto import freeze, qfloat8, quantize
 
             quantize(encoder, weights=qfloat8)
             freeze(encoder)
-        self.text_encoder = encoder
+        placer.quantize_to_fit("text_encoder", encoder)
+        self.text_encoder = encoder.to(placer.home("text_encoder"))
 
     def unload(self) -> None:
         self.transformer = self.vae = self.text_encoder = self.processor = self.merger = None
+        self._placer = Placer(None, self.device)
         self.prompts.clear()
         devices.free_memory(self.device)
 
@@ -156,18 +179,23 @@ class Flux2Preview:
             # 2. Load the model and apply the LoRA
             self.load()
             clock.lap("load")
+            # Under model offload the transformer comes to the device first: the merge runs there, as resident.
+            self._placer.stage("transformer")
             lora_record = self.set_lora(spec)
             clock.lap("lora")
             # 3. Encode prompt
             embeds = self.encode_prompt(spec.prompt)
             clock.lap("encode")
             # 4. Prepare latents
+            self._placer.stage("vae")
             latents = self.prepare_latents(call, embeds)
             clock.lap("latents")
             # 5. Denoise
+            self._placer.stage("transformer")
             tokens = self.denoise(spec, embeds, latents, on_step, should_stop)
             clock.lap("denoise")
             # 6. Decode
+            self._placer.stage("vae")
             image = self.decode(tokens, latents)
             clock.lap("decode")
         # 7. Record
@@ -197,8 +225,13 @@ class Flux2Preview:
                 "lora_sha256": lora.sha256, "network_multiplier": lora.network_multiplier}
 
     def encode_prompt(self, prompt: str) -> torch.Tensor:
-        return self.prompts.get_or_compute(prompt, lambda: flux2_text.encode_prompt(
-            self.text_encoder, self.processor, prompt, device=self.device, dtype=self.dtype))
+        def encode() -> torch.Tensor:
+            self._placer.stage("text_encoder")
+            with self._placer.encoding(self.text_encoder, [self.transformer, self.vae]):
+                return flux2_text.encode_prompt(self.text_encoder, self.processor, prompt, device=self.device,
+                                                dtype=self.dtype)
+
+        return self.prompts.get_or_compute(prompt, encode)
 
     def prepare_latents(self, call: _Call, embeds: torch.Tensor) -> _Latents:
         rows, cols = sampler.latent_grid(call.width, call.height)
@@ -243,6 +276,7 @@ class Flux2Preview:
             "requested_size": [spec.width, spec.height], "effective_size": [call.width, call.height],
             "neg": "unused (FLUX.2-dev is guidance-distilled: no CFG, no negative prompt)",
             "guidance": "embedded", "text_encoder_quantization": self.source.quantize_text_encoder,
+            **self._placer.record(),
             "reference_images": len(call.references),
             **lora_record,
             "schedule_mu": sampler.schedule_mu(latents.rows * latents.cols),

@@ -29,11 +29,14 @@ import torch
 from PIL import Image
 
 from previewd.catalog import MODELS, snap
+from previewd.config import MemoryConfig
 from previewd.errors import LoraError, NonFiniteOutput, PipelineError, RenderInterrupted
 from previewd.pipelines import adapter_class
 from previewd.pipelines import device as devices
 from previewd.pipelines.base import StepCallback, StopCheck, Stopwatch, check_spec
 from previewd.pipelines.lru import LruCache
+from previewd.pipelines.memory import MemoryPlan, plan_model, settings_for, source_precision
+from previewd.pipelines.placement import EncoderVisit, Placer
 from previewd.pipelines.qwen import encode as qwen_encode
 from previewd.pipelines.qwen.decode import decode_latents
 from previewd.pipelines.qwen.encode import (
@@ -104,51 +107,86 @@ class _QwenPreview:
         self.lora: QwenLoraState | None = None
         self._hub_scheduler_config: dict[str, Any] | None = None
         self._embeds: LruCache[tuple, tuple[torch.Tensor, torch.Tensor]] = LruCache(EMBED_CACHE_SIZE)
+        self.plan: MemoryPlan | None = None
+        self._placer = Placer(None, device)
+        self._visit: EncoderVisit | None = None
+        self._offloaded_text_encoder = None
+        """te_offload: the encoder, kept out of the pipeline (so its device never decides where the
+        pipeline computes) and in host memory except while it encodes."""
 
     # -- lifecycle -----------------------------------------------------------------------------
 
     def _pipeline_class(self):
         raise NotImplementedError
 
-    def _text_encoder_overrides(self) -> dict[str, Any]:
-        """Text encoder (+ tokenizer/processor) from `source.text_encoder`, when set."""
+    def plan_memory(self, memory: MemoryConfig, lora_path: str | None = None) -> MemoryPlan:
+        """Choose where the components go (before `load`), for the configured memory settings."""
+        self.plan = plan_model(self.model_id, self.source, device=self.device, dtype=self.dtype,
+                               settings=settings_for(memory, self.device),
+                               run_precision=source_precision(self.source), lora_path=lora_path)
+        return self.plan
+
+    def _text_encoder_overrides(self, placer: Placer) -> dict[str, Any]:
+        """Text encoder (+ tokenizer/processor) from `source.text_encoder`, when set, or placed by the plan."""
         te_path = self.source.text_encoder
-        if not te_path:
+        placed = placer.load_kwargs("text_encoder")
+        if not te_path and not placed:
             return {}
         from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
         kwargs = {"local_files_only": True}
-        parts = {
-            "text_encoder": Qwen2_5_VLForConditionalGeneration.from_pretrained(
-                te_path, subfolder="text_encoder", dtype=devices.torch_dtype(self.dtype), **kwargs),
-            "tokenizer": Qwen2Tokenizer.from_pretrained(te_path, subfolder="tokenizer", **kwargs),
-        }
+        parts = {"text_encoder": Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            te_path or self.source.path, subfolder="text_encoder", dtype=devices.torch_dtype(self.dtype),
+            **placed, **kwargs)}
+        if not te_path:
+            return parts
+        parts["tokenizer"] = Qwen2Tokenizer.from_pretrained(te_path, subfolder="tokenizer", **kwargs)
         if self.control_kind != "none":
             parts["processor"] = AutoProcessor.from_pretrained(te_path, subfolder="processor", **kwargs)
+        return parts
+
+    def _placed_components(self, placer: Placer) -> dict[str, Any]:
+        """Transformer and VAE loaded straight onto the device the plan gives them (on a GPU)."""
+        from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+
+        parts = {}
+        for name, cls in (("transformer", QwenImageTransformer2DModel), ("vae", AutoencoderKLQwenImage)):
+            placed = placer.load_kwargs(name)
+            if placed:
+                parts[name] = cls.from_pretrained(self.source.path, subfolder=name, local_files_only=True,
+                                                  torch_dtype=devices.torch_dtype(self.dtype), **placed)
         return parts
 
     def load(self) -> None:
         if self.pipe is not None:
             return
+        placer = Placer(self.plan, self.device)
         with devices.raise_oom_as(self.model_id, self.device):
             cls = self._pipeline_class()
             pipe = cls.from_pretrained(self.source.path, dtype=devices.torch_dtype(self.dtype),
-                                       local_files_only=True, **self._text_encoder_overrides())
+                                       local_files_only=True, **self._placed_components(placer),
+                                       **self._text_encoder_overrides(placer))
             if self.source.quantize_text_encoder == "qfloat8":
                 from optimum.quanto import freeze, qfloat8, quantize
 
                 quantize(pipe.text_encoder, weights=qfloat8)
                 freeze(pipe.text_encoder)
-            if self.device != "cpu":
-                pipe.to(self.device)
+            placer.quantize_to_fit("transformer", pipe.transformer)
+            placer.quantize_to_fit("text_encoder", pipe.text_encoder)
+            placer.install_pipeline(pipe)
+            if placer.placement == "te_offload":
+                self._offloaded_text_encoder = pipe.text_encoder
+                pipe.register_modules(text_encoder=None)
         pipe.set_progress_bar_config(disable=True)
         self._hub_scheduler_config = dict(pipe.scheduler.config)
         self.lora = QwenLoraState(pipe, model_id=self.model_id, source_path=self.source.path)
-        self.pipe = pipe
+        self.pipe, self._placer = pipe, placer
 
     def unload(self) -> None:
         self.pipe = None
         self.lora = None
+        self._offloaded_text_encoder = None
+        self._placer = Placer(None, self.device)
         self._embeds.clear()
         devices.free_memory(self.device)
 
@@ -223,15 +261,21 @@ class _QwenPreview:
         plan = call.controls
         digests = () if plan is None else tuple(_image_digest(img) for _slot, img in plan.text_encoder)
         embeds = {}
-        embeds["prompt_embeds"], embeds["prompt_embeds_mask"] = self._encode(spec.prompt, spec, plan, digests)
-        if spec.guidance_scale > 1:
-            embeds["negative_prompt_embeds"], embeds["negative_prompt_embeds_mask"] = self._encode(
-                spec.neg, spec, plan, digests)
+        with EncoderVisit(self._bring_text_encoder) as self._visit:
+            try:
+                embeds["prompt_embeds"], embeds["prompt_embeds_mask"] = self._encode(spec.prompt, spec, plan,
+                                                                                     digests)
+                if spec.guidance_scale > 1:
+                    embeds["negative_prompt_embeds"], embeds["negative_prompt_embeds_mask"] = self._encode(
+                        spec.neg, spec, plan, digests)
+            finally:
+                self._visit = None
         return embeds
 
     def _cached_embeds(self, key: tuple, compute) -> tuple[torch.Tensor, torch.Tensor]:
         def with_mask() -> tuple[torch.Tensor, torch.Tensor]:
-            embeds, mask = compute()
+            with self._text_encoder_on_device():
+                embeds, mask = compute()
             if mask is None:
                 # ai-toolkit keeps an explicit all-ones mask; the pipelines turn it back into None.
                 mask = torch.ones(embeds.shape[:2], dtype=torch.int64, device=embeds.device)
@@ -242,6 +286,28 @@ class _QwenPreview:
     def _encode(self, text: str, spec: RenderSpec, plan: ControlPlan | None,
                 images_key: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
+
+    @contextmanager
+    def _text_encoder_on_device(self) -> Iterator[None]:
+        """The encoder ready to encode; offloaded, it stays on the device until this render's prompts
+        are encoded (encode_prompt's visit)."""
+        if self._visit is not None:
+            self._visit.need()
+        yield
+
+    @contextmanager
+    def _bring_text_encoder(self) -> Iterator[None]:
+        """te_offload: the encoder back in the pipeline and on the device, then home again."""
+        encoder = self._offloaded_text_encoder
+        if encoder is None:
+            yield
+            return
+        with self._placer.encoding(encoder, [self.pipe.transformer, self.pipe.vae]):
+            self.pipe.register_modules(text_encoder=encoder)
+            try:
+                yield
+            finally:
+                self.pipe.register_modules(text_encoder=None)
 
     @contextmanager
     def _vae_tiling(self, call: _Call) -> Iterator[None]:
@@ -293,6 +359,7 @@ class _QwenPreview:
             "device": self.device,
             "dtype": self.dtype,
             "text_encoder_quantization": self.source.quantize_text_encoder,
+            **self._placer.record(),
             "prompt": spec.prompt,
             "neg": spec.neg,
             "seed": call.seed,
