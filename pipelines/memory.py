@@ -5,9 +5,9 @@ Sizes come from the model itself, never from a table: the safetensors headers of
 dtype) when the model is on disk, else the component built from its config on the meta device
 (`real_configs` holds the released configs). Activations are traced at 1024² on the meta device
 (`memory_trace`). Quantised sizes follow the formats: qfloat8 (optimum-quanto) is one byte per weight
-plus a per-row scale; uintN (ai-toolkit's torchao-compatible uintx) packs N bits per weight plus a
-scale and a zero point per group of 64 inputs, in the weight dtype, and leaves layers whose input
-width is not a multiple of 64 in full precision.
+plus a per-row scale; uintN (ai-toolkit's torchao-compatible uintx, as previewd holds it) is one byte
+per code plus a scale and a zero point per group of 64 inputs, and leaves layers whose input width is
+not a multiple of 64 in full precision.
 
 Placements, fastest first:
 - `resident`: every component on the device;
@@ -40,6 +40,10 @@ GiB = 2 ** 30
 
 QUANT_GROUP = 64
 """uintN quantises groups of 64 input columns (ai-toolkit's uintx_quant, torchao 0.10.0)."""
+UINT_CODE_BYTES = 1
+"""previewd's UIntXLinear (quantize.py) keeps each N-bit code in a byte (torchao packs them: N/8),
+with a scale in the weight dtype and an int32 zero point per group."""
+ZERO_POINT_BYTES = 4
 PREFETCHED_BLOCKS = 2
 """Group offload with a CUDA stream holds the running block and the one being copied in."""
 DEFAULT_LORA_RANK = 32
@@ -83,7 +87,7 @@ def linear_bytes(out: int, inp: int, precision: str, dtype_size: int) -> int:
         raise ValueError(f"unknown precision {precision!r} (full, qfloat8, uint2..uint8)")
     if inp % QUANT_GROUP:
         return out * inp * dtype_size
-    return math.ceil(out * inp * int(bits.group(1)) / 8) + 2 * out * (inp // QUANT_GROUP) * dtype_size
+    return out * inp * UINT_CODE_BYTES + out * (inp // QUANT_GROUP) * (dtype_size + ZERO_POINT_BYTES)
 
 
 @dataclass(frozen=True)
@@ -222,15 +226,15 @@ def _measure(model_id: str, name: str, config_json: str, files: tuple[Path, ...]
     import torch
 
     from previewd.pipelines.memory_trace import Workload, activation_bytes, default_workload
-    from previewd.pipelines.real_configs import build_meta
+    from previewd.pipelines.real_configs import build
 
     torch_dtype = getattr(torch, dtype)
-    module = build_meta(MODELS[model_id].family, name, json.loads(config_json), torch_dtype)
+    module = build(MODELS[model_id].family, name, json.loads(config_json), torch_dtype)
     size = _DTYPE_BYTES[dtype]
     parts = parts_from_headers(files, size) if files else parts_from_module(module, size)
     load: Workload = default_workload(model_id, width, height)
-    return ComponentSize(name=name, parts=parts, activations=activation_bytes(module, model_id, name, load, torch_dtype),
-                         source=where)
+    activations = activation_bytes(module, model_id, name, load, torch_dtype)
+    return ComponentSize(name=name, parts=parts, activations=activations, source=where)
 
 
 def measure(model_id: str, source: ModelSource | None, dtype: str, *, width: int = 1024,
@@ -239,6 +243,14 @@ def measure(model_id: str, source: ModelSource | None, dtype: str, *, width: int
     return {name: _measure(model_id, name, json.dumps(origin.config, sort_keys=True), origin.files, origin.where,
                            dtype, width, height)
             for name, origin in component_origins(model_id, source).items()}
+
+
+def measure_configs(model_id: str, configs: dict[str, dict], dtype: str, *, width: int = 1024,
+                    height: int = 1024) -> dict[str, ComponentSize]:
+    """Sizes of components given by their configs alone (bench/gpu.py's models have no files)."""
+    return {name: _measure(model_id, name, json.dumps(configs[name], sort_keys=True), (), "config on the meta device",
+                           dtype, width, height)
+            for name in COMPONENTS}
 
 
 def lora_rank_of(path: str | None) -> int:

@@ -159,3 +159,11 @@ class EncoderVisit:
 
     def __exit__(self, *exc_info) -> None:
         self._stack.close()
+
+
+def from_pretrained(prebuilt: Callable[..., object] | None, component: str, cls, path, **kwargs):
+    """`cls.from_pretrained(path, **kwargs)`, or, for models that have no files (bench/gpu.py's random
+    real-size ones), `prebuilt(component, **kwargs)`: the same placement arguments either way."""
+    if prebuilt is not None:
+        return prebuilt(component, **kwargs)
+    return cls.from_pretrained(path, **kwargs)

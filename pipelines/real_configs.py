@@ -7,7 +7,8 @@ copied from the released `config.json` files (named per entry) and checked by pa
 tests/pipelines/test_memory_plan.py: Qwen-Image transformer 20.43B, Qwen2.5-VL-7B 8.29B, FLUX.2-dev
 transformer 32.2B, Mistral-Small-3.2-24B 24.0B.
 
-`build_meta(family, component, config)` instantiates a component on the meta device (no memory).
+`build(family, component, config)` instantiates a component on the meta device (no memory), or with
+random weights on a real device (bench/gpu.py).
 """
 
 from __future__ import annotations
@@ -116,11 +117,12 @@ def _clean(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if not k.startswith("_") and k not in ("architectures",)}
 
 
-def build_meta(family: str, component: str, config: dict[str, Any], dtype=None):
-    """`component` built from `config` on the meta device, in `dtype` (default float32): shapes, no memory."""
+def build(family: str, component: str, config: dict[str, Any], dtype=None, device: str = "meta"):
+    """`component` built from `config` in `dtype` (default float32) on `device`: on the meta device
+    shapes without memory, elsewhere the library's random initialisation."""
     import torch
 
-    with torch.device("meta"), _default_dtype(dtype or torch.float32):
+    with torch.device(device), _default_dtype(dtype or torch.float32):
         if component == "transformer":
             from diffusers import Flux2Transformer2DModel, QwenImageTransformer2DModel
 

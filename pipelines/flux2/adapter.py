@@ -31,7 +31,7 @@ from previewd.pipelines.flux2 import vae as flux2_vae
 from previewd.pipelines.lru import LruCache
 from previewd.pipelines.memory import MemoryPlan, plan_model, settings_for, source_precision
 from previewd.pipelines.model_sources import resolve_source
-from previewd.pipelines.placement import Placer
+from previewd.pipelines.placement import Placer, from_pretrained
 from previewd.spec import NUMBERED_CONTROL_SLOTS, ModelSource, RenderResult, RenderSpec
 
 PROMPT_CACHE_SIZE = 32
@@ -95,6 +95,8 @@ class Flux2Preview:
         self.prompts: LruCache[str, torch.Tensor] = LruCache(PROMPT_CACHE_SIZE)
         self.plan: MemoryPlan | None = None
         self._placer = Placer(None, device)
+        self.prebuilt = None
+        """Builds components instead of reading them (placement.from_pretrained); bench/gpu.py sets it."""
         """Valid across LoRA switches: LoRAs touch only the transformer."""
 
     # -- loading -----------------------------------------------------------------------------
@@ -109,10 +111,10 @@ class Flux2Preview:
         placer = Placer(self.plan, self.device)
         with devices.raise_oom_as(self.model_id, self.device):
             try:
-                transformer = Flux2Transformer2DModel.from_pretrained(
-                    root, subfolder="transformer", **options, **placer.load_kwargs("transformer"))
-                self.vae = AutoencoderKLFlux2.from_pretrained(root, subfolder="vae", **options,
-                                                              **placer.load_kwargs("vae"))
+                transformer = from_pretrained(self.prebuilt, "transformer", Flux2Transformer2DModel, root,
+                                              subfolder="transformer", **options, **placer.load_kwargs("transformer"))
+                self.vae = from_pretrained(self.prebuilt, "vae", AutoencoderKLFlux2, root, subfolder="vae", **options,
+                                           **placer.load_kwargs("vae"))
             except (OSError, ValueError) as exc:
                 raise ConfigError(f"flux2: cannot load the diffusers-layout model at {root}: {exc}") from exc
             transformer.to(placer.home("transformer")).eval().requires_grad_(False)
@@ -143,9 +145,10 @@ class Flux2Preview:
         # A quantised encoder is quantised in host memory: its full-precision weights never reach the GPU.
         placed = {} if quantized else placer.load_kwargs("text_encoder")
         try:
-            encoder = Mistral3ForConditionalGeneration.from_pretrained(weights, dtype=self.dtype,
-                                                                       local_files_only=True, **placed)
-            self.processor = AutoProcessor.from_pretrained(tokenizer, local_files_only=True)
+            encoder = from_pretrained(self.prebuilt, "text_encoder", Mistral3ForConditionalGeneration, weights,
+                                      dtype=self.dtype, local_files_only=True, **placed)
+            self.processor = from_pretrained(self.prebuilt, "processor", AutoProcessor, tokenizer,
+                                             local_files_only=True)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"flux2: cannot load the Mistral-3 text encoder at {root}: {exc}") from exc
         # ai-toolkit casts the loaded encoder to the model dtype; that also rounds the rotary inv_freq

@@ -36,7 +36,7 @@ from previewd.pipelines import device as devices
 from previewd.pipelines.base import StepCallback, StopCheck, Stopwatch, check_spec
 from previewd.pipelines.lru import LruCache
 from previewd.pipelines.memory import MemoryPlan, plan_model, settings_for, source_precision
-from previewd.pipelines.placement import EncoderVisit, Placer
+from previewd.pipelines.placement import EncoderVisit, Placer, from_pretrained
 from previewd.pipelines.qwen import encode as qwen_encode
 from previewd.pipelines.qwen.decode import decode_latents
 from previewd.pipelines.qwen.encode import (
@@ -110,6 +110,8 @@ class _QwenPreview:
         self.plan: MemoryPlan | None = None
         self._placer = Placer(None, device)
         self._visit: EncoderVisit | None = None
+        self.prebuilt = None
+        """Builds components instead of reading them (placement.from_pretrained); bench/gpu.py sets it."""
         self._offloaded_text_encoder = None
         """te_offload: the encoder, kept out of the pipeline (so its device never decides where the
         pipeline computes) and in host memory except while it encodes."""
@@ -135,9 +137,9 @@ class _QwenPreview:
         from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
         kwargs = {"local_files_only": True}
-        parts = {"text_encoder": Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            te_path or self.source.path, subfolder="text_encoder", dtype=devices.torch_dtype(self.dtype),
-            **placed, **kwargs)}
+        parts = {"text_encoder": from_pretrained(
+            self.prebuilt, "text_encoder", Qwen2_5_VLForConditionalGeneration, te_path or self.source.path,
+            subfolder="text_encoder", dtype=devices.torch_dtype(self.dtype), **placed, **kwargs)}
         if not te_path:
             return parts
         parts["tokenizer"] = Qwen2Tokenizer.from_pretrained(te_path, subfolder="tokenizer", **kwargs)
@@ -153,8 +155,9 @@ class _QwenPreview:
         for name, cls in (("transformer", QwenImageTransformer2DModel), ("vae", AutoencoderKLQwenImage)):
             placed = placer.load_kwargs(name)
             if placed:
-                parts[name] = cls.from_pretrained(self.source.path, subfolder=name, local_files_only=True,
-                                                  torch_dtype=devices.torch_dtype(self.dtype), **placed)
+                parts[name] = from_pretrained(self.prebuilt, name, cls, self.source.path, subfolder=name,
+                                              local_files_only=True, torch_dtype=devices.torch_dtype(self.dtype),
+                                              **placed)
         return parts
 
     def load(self) -> None:
@@ -163,9 +166,9 @@ class _QwenPreview:
         placer = Placer(self.plan, self.device)
         with devices.raise_oom_as(self.model_id, self.device):
             cls = self._pipeline_class()
-            pipe = cls.from_pretrained(self.source.path, dtype=devices.torch_dtype(self.dtype),
-                                       local_files_only=True, **self._placed_components(placer),
-                                       **self._text_encoder_overrides(placer))
+            pipe = from_pretrained(self.prebuilt, "pipeline", cls, self.source.path,
+                                   dtype=devices.torch_dtype(self.dtype), local_files_only=True,
+                                   **self._placed_components(placer), **self._text_encoder_overrides(placer))
             if self.source.quantize_text_encoder == "qfloat8":
                 from optimum.quanto import freeze, qfloat8, quantize
 

@@ -18,7 +18,7 @@ from previewd.pipelines.memory import (
     parts_from_headers,
     parts_from_module,
 )
-from previewd.pipelines.real_configs import build_meta, real_config
+from previewd.pipelines.real_configs import build, real_config
 
 MODELS = ("qwen_image", "qwen_image_2512", "qwen_image_edit", "qwen_image_edit_plus", "qwen_image_edit_plus_2511",
           "flux2")
@@ -41,7 +41,7 @@ def sizes():
 def test_the_real_configs_have_the_released_parameter_counts(family):
     model_id = "flux2" if family == "flux2" else "qwen_image_2512"
     for component, billions in zip(("transformer", "text_encoder", "vae"), RELEASED[family]):
-        module = build_meta(family, component, real_config(model_id, component))
+        module = build(family, component, real_config(model_id, component))
         count = sum(p.numel() for p in module.parameters()) / 1e9
         assert count == pytest.approx(billions, rel=0.005), component
 
@@ -50,7 +50,7 @@ def test_the_real_configs_have_the_released_parameter_counts(family):
 def test_linear_weights_are_told_by_name_and_shape(family):
     model_id = "flux2" if family == "flux2" else "qwen_image_2512"
     for component in COMPONENTS:
-        module = build_meta(family, component, real_config(model_id, component))
+        module = build(family, component, real_config(model_id, component))
         linears = {f"{name}.weight" for name, m in module.named_modules() if isinstance(m, torch.nn.Linear)}
         ruled = {name for name, p in module.named_parameters() if is_linear_weight(name, tuple(p.shape))}
         assert ruled == linears, component
@@ -61,7 +61,7 @@ def test_planned_bytes_agree_with_the_parameter_bytes(sizes, model_id):
     """Each placement's component bytes (no LoRA) within 1 % of parameters + buffers x 2 bytes."""
     parameter_bytes = {}
     for component in COMPONENTS:
-        module = build_meta(_family(model_id), component, real_config(model_id, component), torch.bfloat16)
+        module = build(_family(model_id), component, real_config(model_id, component), torch.bfloat16)
         parameter_bytes[component] = sum(t.numel() * t.element_size()
                                          for t in (*module.parameters(), *module.buffers()))
     for placement in ("resident", "te_offload", "model_offload", "group_offload"):
@@ -142,8 +142,8 @@ def test_qfloat8_bytes_are_what_quanto_keeps():
     assert kept == linear_bytes(96, 128, "qfloat8", 2)
 
 
-def test_uint_bytes_pack_bits_and_keep_a_scale_and_zero_per_group_of_64():
-    assert linear_bytes(3072, 3072, "uint3", 2) == 3072 * 3072 * 3 // 8 + 2 * 3072 * 48 * 2
+def test_uint_bytes_keep_a_code_byte_per_weight_and_a_scale_and_zero_per_group_of_64():
+    assert linear_bytes(3072, 3072, "uint3", 2) == 3072 * 3072 + 3072 * 48 * (2 + 4)
     assert linear_bytes(48, 100, "uint3", 2) == 48 * 100 * 2  # inputs not a multiple of 64 stay full
 
 
@@ -156,7 +156,7 @@ def test_headers_and_meta_device_count_the_same(tiny_model):
         folder = tiny_model(model_id)
         for component in COMPONENTS:
             config = json.loads((folder / component / "config.json").read_text())
-            module = build_meta(_family(model_id), component, config)
+            module = build(_family(model_id), component, config)
             from_module = parts_from_module(module, 4)
             from_headers = parts_from_headers(sorted((folder / component).glob("*.safetensors")), 4)
             linears = sorted(s for p in from_module for s in p.linears)
