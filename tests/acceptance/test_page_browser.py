@@ -127,6 +127,17 @@ def _exercise(browser: Browser, url: str, run: Path, origin: str, shot: Path) ->
     browser.key("Escape")
     assert browser.eval("document.getElementById('viewer').hidden")
 
+    # Headers stay in view while the grid scrolls (here made larger than the window on purpose).
+    zoom = "(z => { z.value = %d; z.dispatchEvent(new Event('input')); })(document.getElementById('zoom'))"
+    browser.eval(zoom % 512)
+    browser.eval("(w => { w.scrollTop = 300; w.scrollLeft = 400; })(document.getElementById('wrap'))")
+    browser.wait_for("document.getElementById('wrap').scrollTop > 0 && document.getElementById('wrap').scrollLeft > 0")
+    assert browser.eval("Math.abs(document.querySelector('thead th:not(.corner)').getBoundingClientRect().top - "
+                        "document.getElementById('wrap').getBoundingClientRect().top) < 1")
+    assert browser.eval("Math.abs(document.querySelector('tbody th').getBoundingClientRect().left - "
+                        "document.getElementById('wrap').getBoundingClientRect().left) < 1")
+    browser.eval(zoom % 0)
+
     # The ai-toolkit column and the difference view.
     browser.eval("document.getElementById('aitk').click()")
     browser.wait_for("document.querySelectorAll('td.c.done .t').length === 13 + 6")
