@@ -10,9 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 ModelId = Literal[
     "qwen_image",
@@ -64,8 +64,13 @@ class ControlImage(_Frozen):
     sha256: str | None = None
 
 
+QType = Literal["qfloat8", "uint2", "uint3", "uint4", "uint5", "uint6", "uint7", "uint8"]
+"""The quantisations previewd reproduces (aitk-quantized.md): optimum-quanto's qfloat8, and ai-toolkit's
+torchao-compatible uintN (uint8 quantises nothing, as in ai-toolkit)."""
+
+
 class AitkOptions(_Frozen):
-    """ai-toolkit sample settings that change pixels (aitk-sampling.md §C)."""
+    """ai-toolkit sample settings that change pixels (aitk-sampling.md §C, aitk-quantized.md)."""
 
     do_cfg_norm: bool = False
     """Edit-plus CFG renormalisation (`sample.do_cfg_norm`); stock diffusers always renormalises."""
@@ -74,6 +79,31 @@ class AitkOptions(_Frozen):
     lora_merged: bool = True
     """ai-toolkit merges the LoRA into the weights (fp32, then cast) unless the run was quantised or
     layer-offloaded or its samples mix multipliers; then it applies it as a runtime branch."""
+    quantize: bool = False
+    """Quantise the transformer to `qtype`, as the run did (`model.quantize`); the LoRA then runs as a
+    branch, never merged."""
+    qtype: QType = "qfloat8"
+    """The transformer's quantisation: ai-toolkit's `model.qtype` without its `|<adapter>` part."""
+    ara: str | None = None
+    """The accuracy recovery adapter after the `|` of `model.qtype` (with `quantize`): a local
+    safetensors file, or a hub path `user/repo/file.safetensors` found in the local Hugging Face cache."""
+    quantize_te: bool | None = None
+    """Quantise the text encoder to `qtype_te` (`model.quantize_te`); None: as the configured
+    `models.<id>.quantize_text_encoder` says."""
+    qtype_te: QType = "qfloat8"
+    """The text encoder's quantisation. FLUX.2 runs quantise theirs with `qtype`, which intake puts here."""
+
+    _QUANTISATION: ClassVar[tuple[str, ...]] = ("quantize", "qtype", "ara", "quantize_te", "qtype_te")
+
+    @model_serializer(mode="wrap")
+    def _leave_out_unset_quantisation(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Keeps the job keys (RenderSpec.identity) of renders without quantisation what they were
+        # before these fields existed.
+        data = handler(self)
+        for name in self._QUANTISATION:
+            if getattr(self, name) == type(self).model_fields[name].default:
+                data.pop(name, None)
+        return data
 
 
 class RenderSpec(_Frozen):

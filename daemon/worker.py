@@ -21,6 +21,7 @@ from previewd.dispatch import lora_affinity
 from previewd.errors import JobStateError, PipelineError, PipelineOutOfMemory, RenderInterrupted
 from previewd.logs import still_busy
 from previewd.manifest import ControlRef, RenderEntry
+from previewd.pipelines.quantization import Quantization
 from previewd.queue import DatabaseUnavailable, Job, JobState, JobStore
 from previewd.retry import RetryPolicy
 from previewd.spec import ModelSource, RenderResult
@@ -65,6 +66,7 @@ class Renderer:
         self._factory = factory
         self._pipeline = None
         self._source: ModelSource | None = None
+        self._quantization: Quantization | None = None
         self.model: str | None = None
         self.affinity: str | None = None
         """The loaded (checkpoint, multiplier) as the queue's affinity (dispatch.lora_affinity)."""
@@ -75,7 +77,10 @@ class Renderer:
     def _get(self, task: RenderTask, should_stop: Callable[[], bool] | None, on_phase: Callable[[str], None]):
         spec = task.spec
         source = self._config.model_source(spec.model, spec.base)
-        if self.model == spec.model and self._source == source and self._pipeline is not None:
+        # One quantised base per (model, quantisation): a run's checkpoints all reuse it.
+        quantization = Quantization.of(spec, source)
+        if (self.model == spec.model and self._source == source and self._quantization == quantization
+                and self._pipeline is not None):
             on_phase("encoding prompts")
             return self._pipeline
         self.close()
@@ -87,7 +92,8 @@ class Renderer:
             # A missing model is a setup problem with one clear line, not a load that fails later.
             verify_source(spec.model, source)
             factory = pipelines.create
-        pipeline = factory(spec.model, source, device=self._config.device, dtype=self._config.dtype)
+        pipeline = factory(spec.model, source, device=self._config.device, dtype=self._config.dtype,
+                           quantization=quantization)
         device = str(getattr(pipeline, "device", "cpu"))
         plan = self._plan(pipeline, spec)
         self._wait_for_memory(device, plan.peak_bytes if plan is not None else 0, should_stop)
@@ -97,6 +103,7 @@ class Renderer:
             pipeline.load()
         log.info("loaded %s from %s in %.1fs", spec.model, source.path, time.monotonic() - started)
         self._pipeline, self.model, self._source, self.plan = pipeline, spec.model, source, plan
+        self._quantization = quantization
         on_phase("encoding prompts")
         return pipeline
 

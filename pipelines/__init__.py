@@ -9,6 +9,7 @@ from previewd.catalog import MODELS
 from previewd.errors import ConfigError
 from previewd.pipelines import _torchvision_compat
 from previewd.pipelines.base import PreviewPipeline
+from previewd.pipelines.quantization import Quantization
 from previewd.spec import ModelSource
 
 _torchvision_compat.install()
@@ -34,15 +35,16 @@ def adapter_class(model_id: str) -> type:
     return getattr(importlib.import_module(f"previewd.pipelines.{module}"), cls)
 
 
-def create(model_id: str, source: ModelSource, *, device: str = "auto",
-           dtype: str = "auto") -> PreviewPipeline:
-    """Build the adapter for `model_id` (weights are loaded by its `load()`)."""
+def create(model_id: str, source: ModelSource, *, device: str = "auto", dtype: str = "auto",
+           quantization: Quantization | None = None) -> PreviewPipeline:
+    """Build the adapter for `model_id` (weights are loaded by its `load()`), quantised as
+    `quantization` says (None: as the configured source says)."""
     cls = adapter_class(model_id)
     from previewd.pipelines import device as devices
 
     _route_library_output()
     resolved_device, resolved_dtype = devices.resolve(device, dtype)
-    return cls(model_id, source, device=resolved_device, dtype=resolved_dtype)
+    return cls(model_id, source, device=resolved_device, dtype=resolved_dtype, quantization=quantization)
 
 
 def _route_library_output() -> None:

@@ -11,6 +11,7 @@ from typing import Callable, Protocol
 
 from previewd.catalog import validate_spec
 from previewd.errors import PipelineError
+from previewd.pipelines.quantization import Quantization
 from previewd.spec import ModelSource, RenderResult, RenderSpec
 
 StepCallback = Callable[[int, int], None]
@@ -22,8 +23,11 @@ StopCheck = Callable[[], bool]
 class PreviewPipeline(Protocol):
     model_id: str
 
-    def __init__(self, model_id: str, source: ModelSource, *, device: str, dtype: str) -> None:
-        """Remember where weights are; load nothing yet. `device`/`dtype` are already resolved."""
+    def __init__(self, model_id: str, source: ModelSource, *, device: str, dtype: str,
+                 quantization: Quantization | None = None) -> None:
+        """Remember where weights are; load nothing yet. `device`/`dtype` are already resolved;
+        `quantization` is what `load` quantises (None: what `source` says) and the only one `render`
+        accepts."""
 
     def load(self) -> None:
         """Load the base model onto the device (idempotent)."""

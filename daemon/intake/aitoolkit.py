@@ -27,6 +27,7 @@ from previewd.intake.controls import ControlResolver, ResolveImage
 from previewd.intake.paths import is_url, resolve_path
 from previewd.intake.prompt_flags import (RANDOM_SEED, TORCH_SEEDS, PromptFlagError, aitk_seeds, floor_size,
                                           inject_trigger, parse_prompt_flags, torch_seed)
+from previewd.intake.quantization import QuantizationSettings, of_run
 from previewd.spec import NUMBERED_CONTROL_SLOTS, AitkOptions, ControlImage, LoraSpec, RenderSpec
 from previewd.validation_errors import did_you_mean, format_validation_error
 
@@ -265,6 +266,8 @@ class AitkJob:
     settings: dict[str, Any]
     """Raw settings worth recording (arch, name_or_path, quantize, qtype, low_vram, train steps...)."""
     warnings: tuple[str, ...]
+    quantization_gaps: tuple[str, ...] = ()
+    """What of the run's quantisation previewd does not reproduce (it reproduces qfloat8 and uintN)."""
 
 
 def model_id(arch: str, name_or_path: str) -> tuple[str, list[str]]:
@@ -422,6 +425,10 @@ def read_job(config_path: Path, *, aitk_root: Path | None = None) -> AitkJob:
                        problems=problems, warnings=warnings)
     section, samples = _read_samples(section_raw, context)
 
+    quantization = (of_run(model, mid, where=f"{where}.model",
+                           search=[job_dir, *([aitk_root] if aitk_root is not None else [])])
+                    if mid is not None else QuantizationSettings())
+    problems += quantization.problems
     train = process.get("train") if isinstance(process.get("train"), dict) else {}
     save = process.get("save") if isinstance(process.get("save"), dict) else {}
     quantize = bool(model.get("quantize", False))
@@ -450,10 +457,12 @@ def read_job(config_path: Path, *, aitk_root: Path | None = None) -> AitkJob:
         do_cfg_norm=settings["do_cfg_norm"] and mid.startswith("qwen_image_edit_plus"),
         vae_tiling=settings["low_vram"] and mid.startswith("qwen_image"),
         lora_merged=settings["lora_merged"],
+        **quantization.options,
     )
     return AitkJob(config_path=config_path, job_dir=job_dir, name=job_name, process_index=index, model=mid,
                    base=base, base_gap=base_gap, trigger_word=trigger, samples=tuple(samples),
-                   sample_format=section.format, aitk=options, settings=settings, warnings=tuple(warnings))
+                   sample_format=section.format, aitk=options, settings=settings, warnings=tuple(warnings),
+                   quantization_gaps=tuple(quantization.gaps))
 
 
 def _process_of(config: dict[str, Any], config_path: Path, job_name: str) -> tuple[int, dict[str, Any]]:
@@ -763,12 +772,7 @@ def parity_gaps(job: AitkJob) -> list[str]:
     """Known reasons this run's own samples can differ from previewd's renders (aitk-sampling.md §C.4-5)."""
     s = job.settings
     gaps = [job.base_gap] if job.base_gap else []
-    if s["quantize"]:
-        gaps.append(f"ai-toolkit sampled a {s['qtype'] or 'qfloat8'}-quantised transformer (previewd applies the "
-                    "LoRA unmerged as it did, but renders the unquantised model): small differences are expected")
-    if s["quantize_te"]:
-        gaps.append(f"ai-toolkit's text encoder was quantised ({s['qtype_te'] or s['qtype'] or 'qfloat8'}); "
-                    "previewd's is not unless models.<id>.quantize_text_encoder says so")
+    gaps += job.quantization_gaps
     if s["save_dtype"] not in (None, "fp32", "float32"):
         gaps.append(f"checkpoints are saved in {s['save_dtype']}; ai-toolkit samples with the live training "
                     "weights, previewd with the saved ones")

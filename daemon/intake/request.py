@@ -28,6 +28,7 @@ from previewd.errors import IntakeError
 from previewd.intake.controls import ControlResolver, ResolveImage
 from previewd.intake.paths import is_url, outside_roots_message, resolve_path, within
 from previewd.intake.prompt_flags import PromptFlagError, aitk_seeds, floor_size, parse_prompt_flags
+from previewd.intake.quantization import REPRODUCED, find_adapter, split_qtype
 from previewd.catalog import validate_spec
 from previewd.intake.paths import PICKLED_SUFFIXES
 from previewd.validation_errors import format_validation_error
@@ -114,6 +115,16 @@ class AitkIn(_Strict):
     parse_prompt_flags: bool = False
     """Apply ai-toolkit's strip() and `--flag` parsing to each prompt (off: the text is used as is)."""
     walk_seed: bool | None = None
+    quantize: bool = False
+    """Render on a quantised transformer, as a run with `model.quantize` (the LoRA then runs unmerged)."""
+    qtype: str = "qfloat8"
+    """As ai-toolkit's `model.qtype`: qfloat8 or uint2..uint8, optionally `|<accuracy recovery adapter>`
+    (a file, relative to the request, or `user/repo/file.safetensors` in the local Hugging Face cache)."""
+    quantize_te: bool | None = None
+    """Quantise the text encoder to `qtype_te`; not given: as `quantize` when that is set (ai-toolkit's
+    default), else the configured `models.<id>.quantize_text_encoder`."""
+    qtype_te: str = "qfloat8"
+    """FLUX.2 quantises its text encoder with `qtype`, as ai-toolkit does."""
 
 
 class OutputIn(_Strict):
@@ -218,7 +229,9 @@ def read_request(path: Path, *, allowed_roots: list[Path], default_parity: Parit
     else:
         seeds = [p.seed if p.seed is not None else DEFAULT_SEED for p in req.prompts]
     options = AitkOptions(do_cfg_norm=req.aitk.do_cfg_norm, vae_tiling=req.aitk.vae_tiling,
-                          lora_merged=req.aitk.lora_merged)
+                          # ai-toolkit never merges a LoRA into a quantised model.
+                          lora_merged=req.aitk.lora_merged and not req.aitk.quantize,
+                          **_quantization(req, base_dir, allowed_roots, problems, warnings))
 
     planned: list[tuple[int, RenderSpec, float | None, list[int]]] = []
     resolver = ControlResolver(resolve_image, base_dir)
@@ -288,6 +301,39 @@ def _loras(req: RequestIn, base_dir: Path, roots: list[Path], problems: list[str
             multipliers = req.network_multipliers or [1.0]
         loras.append((lora, multipliers))
     return loras
+
+
+def _quantization(req: RequestIn, base_dir: Path, roots: list[Path], problems: list[str],
+                  warnings: list[str]) -> dict[str, Any]:
+    """AitkOptions fields for the `aitk:` block's quantisation, read as ai-toolkit reads a run's."""
+    block = req.aitk
+    qtype, adapter = split_qtype(block.qtype)
+    qtype_te = block.qtype_te
+    if req.model == "flux2":
+        if "qtype_te" in block.model_fields_set and qtype_te != qtype:
+            warnings.append(f"aitk.qtype_te: FLUX.2 quantises its text encoder with qtype ({qtype}), as "
+                            f"ai-toolkit does; qtype_te is ignored")
+        qtype_te = qtype
+    quantize_te = block.quantize_te if block.quantize_te is not None else (True if block.quantize else None)
+    options: dict[str, Any] = {}
+    if block.quantize:
+        if qtype not in REPRODUCED:
+            problems.append(f"aitk.qtype: {qtype!r} is not a quantisation previewd reproduces "
+                            f"({', '.join(REPRODUCED)})")
+        else:
+            options.update(quantize=True, qtype=qtype)
+        if adapter is not None:
+            options["ara"], problem = find_adapter(adapter, [base_dir])
+            if problem is None and Path(options["ara"]).is_absolute() and not within(Path(options["ara"]), roots):
+                problem = outside_roots_message(Path(options["ara"]), roots)
+            if problem is not None:
+                problems.append(f"aitk.qtype: {problem}")
+    if quantize_te and qtype_te not in REPRODUCED:
+        problems.append(f"aitk.qtype_te: {qtype_te!r} is not a quantisation previewd reproduces "
+                        f"({', '.join(REPRODUCED)})")
+    elif quantize_te is not None:
+        options.update(quantize_te=quantize_te, qtype_te=qtype_te)
+    return options
 
 
 def _lora(item: LoraIn, index: int, base_dir: Path, roots: list[Path], problems: list[str]) -> LoraSpec | None:

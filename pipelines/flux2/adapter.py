@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,10 +33,19 @@ from previewd.pipelines.lru import LruCache
 from previewd.pipelines.memory import MemoryPlan, plan_model, settings_for, source_precision
 from previewd.pipelines.model_sources import resolve_source
 from previewd.pipelines.placement import Placer, from_pretrained
+from previewd.pipelines.quantization import Quantization
+from previewd.pipelines.quantize import QuantizedModel, quantize_transformer
+from previewd.pipelines.runtime_lora import Pair, RuntimeLora
 from previewd.spec import NUMBERED_CONTROL_SLOTS, ModelSource, RenderResult, RenderSpec
 
 PROMPT_CACHE_SIZE = 32
 _SEED_LIMIT = 2 ** 31
+
+
+def _branch_pairs(transformer, path) -> dict[str, Pair]:
+    """(down, up) per diffusers Linear layer of an ai-toolkit FLUX.2 LoRA file (a checkpoint or an
+    accuracy recovery adapter, BFL module names)."""
+    return flux2_lora.branch_pairs(flux2_lora.read_lora(str(path)), transformer)
 
 
 def control_images(spec: RenderSpec) -> list[Image.Image]:
@@ -80,7 +90,8 @@ class _Latents:
 class Flux2Preview:
     """The `flux2` adapter: hot pipeline, cached prompt embeddings, LoRAs merged in place."""
 
-    def __init__(self, model_id: str, source: ModelSource, *, device: str, dtype: str) -> None:
+    def __init__(self, model_id: str, source: ModelSource, *, device: str, dtype: str,
+                 quantization: Quantization | None = None) -> None:
         self.model_id = model_id
         self.source = source
         self.device = device
@@ -92,6 +103,10 @@ class Flux2Preview:
         self.text_encoder = None
         self.processor = None
         self.merger: flux2_lora.LoraMerger | None = None
+        self.quantization = quantization or Quantization.configured(source)
+        self.quantized: QuantizedModel | None = None
+        self.runtime_lora: RuntimeLora | None = None
+        """ai-toolkit's runtime LoRA branch (quantised or unmerged runs); the merger's LoRA otherwise."""
         self.prompts: LruCache[str, torch.Tensor] = LruCache(PROMPT_CACHE_SIZE)
         self.plan: MemoryPlan | None = None
         self._placer = Placer(None, device)
@@ -121,10 +136,13 @@ class Flux2Preview:
             self.vae.to(placer.home("vae")).eval().requires_grad_(False)
             numerics.match_transformer(transformer)
             numerics.match_vae(self.vae)
+            self.quantized = quantize_transformer(self.quantization, transformer, dtype=self.dtype,
+                                                  read_ara=partial(_branch_pairs, transformer))
             placer.quantize_to_fit("transformer", transformer)
             self._load_text_encoder(root, placer)
             placer.install_modules(text_encoder=self.text_encoder, transformer=transformer, vae=self.vae)
         self.merger = flux2_lora.LoraMerger(transformer)
+        self.runtime_lora = RuntimeLora(transformer, partial(_branch_pairs, transformer))
         self.transformer, self._placer = transformer, placer
 
     def plan_memory(self, memory: MemoryConfig, lora_path: str | None = None) -> MemoryPlan:
@@ -141,7 +159,7 @@ class Flux2Preview:
         # A diffusers-layout folder keeps them in subfolders; a plain Mistral repo at its root.
         weights = root / "text_encoder" if (root / "text_encoder").is_dir() else root
         tokenizer = root / "tokenizer" if (root / "tokenizer").is_dir() else root
-        quantized = self.source.quantize_text_encoder == "qfloat8"
+        quantized = self.quantization.text_encoder is not None
         # A quantised encoder is quantised in host memory: its full-precision weights never reach the GPU.
         placed = {} if quantized else placer.load_kwargs("text_encoder")
         try:
@@ -154,18 +172,15 @@ class Flux2Preview:
         # ai-toolkit casts the loaded encoder to the model dtype; that also rounds the rotary inv_freq
         # buffers, which from_pretrained keeps in float32, and changes every bf16 embedding.
         encoder.to(dtype=self.dtype).eval().requires_grad_(False)
-        if quantized:
-            # ai-toolkit quantises every Linear/Conv2d of the encoder (no exclusions); the absmax scales
-            # and float8 casts are exact elementwise operations, the same in host memory as on the GPU.
-            from optimum.quanto import freeze, qfloat8, quantize
-
-            quantize(encoder, weights=qfloat8)
-            freeze(encoder)
+        # ai-toolkit quantises every Linear of the encoder (no exclusions) with the transformer's qtype;
+        # the scales and casts are exact elementwise operations, the same in host memory as on the GPU.
+        self.quantized.quantize_text_encoder(encoder)
         placer.quantize_to_fit("text_encoder", encoder)
         self.text_encoder = encoder.to(placer.home("text_encoder"))
 
     def unload(self) -> None:
         self.transformer = self.vae = self.text_encoder = self.processor = self.merger = None
+        self.quantized = self.runtime_lora = None
         self._placer = Placer(None, self.device)
         self.prompts.clear()
         devices.free_memory(self.device)
@@ -208,14 +223,23 @@ class Flux2Preview:
 
     def check_inputs(self, spec: RenderSpec) -> _Call:
         """Refuse what cannot render; seed, size floored to the divisor, reference images opened."""
-        check_spec(spec, self.model_id)
+        wanted = Quantization.of(spec, self.source)
+        check_spec(spec, self.model_id, [] if wanted == self.quantization else [
+            f"quantization: this pipeline is loaded with {self.quantization.describe()}, the render asks for "
+            f"{wanted.describe()}"])
         return _Call(seed=secrets.randbelow(_SEED_LIMIT) if spec.seed == -1 else spec.seed,
                      width=snap(spec.width, self.divisor), height=snap(spec.height, self.divisor),
                      references=control_images(spec))
 
     def set_lora(self, spec: RenderSpec) -> dict:
-        """Merge `spec.lora` (or restore the base) unless exactly that is already merged."""
+        """ai-toolkit's runtime branch for quantised or unmerged runs (it never merges into a quantised
+        model); otherwise merge `spec.lora` (or restore the base) unless exactly that is already merged."""
         lora = spec.lora
+        if spec.parity == "aitk" and (not spec.aitk.lora_merged or self.quantization.transformer is not None):
+            if self.merger.active is not None:
+                self.merger.restore()
+            return {"lora": self.runtime_lora.apply(lora)}
+        self.runtime_lora.clear()
         if lora is None or lora.network_multiplier == 0:
             if self.merger.active is not None:
                 self.merger.restore()
@@ -278,7 +302,7 @@ class Flux2Preview:
             "dtype": self.dtype_name, "device": self.device, "size_divisor": self.divisor,
             "requested_size": [spec.width, spec.height], "effective_size": [call.width, call.height],
             "neg": "unused (FLUX.2-dev is guidance-distilled: no CFG, no negative prompt)",
-            "guidance": "embedded", "text_encoder_quantization": self.source.quantize_text_encoder,
+            "guidance": "embedded", "quantization": self.quantized.record(),
             **self._placer.record(),
             "reference_images": len(call.references),
             **lora_record,

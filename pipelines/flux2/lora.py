@@ -124,18 +124,24 @@ def read_lora(path: str) -> dict[str, LoraModule]:
     return modules
 
 
+def linear_shapes(transformer) -> dict[str, tuple[int, int]]:
+    """(out, in) of every Linear layer, by weight name; quantised layers (which may hold no `weight`
+    parameter) included."""
+    return {f"{name}.weight": (module.out_features, module.in_features)
+            for name, module in transformer.named_modules() if isinstance(module, torch.nn.Linear)}
+
+
 def plan_merge(modules: dict[str, LoraModule], transformer) -> dict[str, LoraTarget]:
     """Targets for every module; LoraError naming the modules that match nothing or mismatch in shape."""
-    weights = dict(transformer.named_parameters())
-    names = set(weights)
+    shapes = linear_shapes(transformer)
     plan, unmatched, misshaped = {}, [], []
     for module, lora in modules.items():
-        target = resolve_target(module, names)
+        target = resolve_target(module, set(shapes))
         if target is None:
             unmatched.append(module)
             continue
-        rows = sum(weights[p].shape[0] for p in target.params)
-        cols = {weights[p].shape[1] for p in target.params}
+        rows = sum(shapes[p][0] for p in target.params)
+        cols = {shapes[p][1] for p in target.params}
         if lora.up.shape[0] != rows or cols != {lora.down.shape[1]} or lora.up.shape[1] != lora.down.shape[0]:
             misshaped.append(f"{module} (down {tuple(lora.down.shape)}, up {tuple(lora.up.shape)})")
             continue
@@ -149,6 +155,24 @@ def plan_merge(modules: dict[str, LoraModule], transformer) -> dict[str, LoraTar
     if problems:
         raise LoraError("LoRA does not fit this FLUX.2 transformer: " + "; ".join(problems))
     return plan
+
+
+def branch_pairs(modules: dict[str, LoraModule], transformer) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(down, up) of the runtime branch of each diffusers Linear layer the LoRA touches: a fused BFL
+    module's down is shared and its up cut into the diffusers layers' rows, as the merge cuts its delta."""
+    shapes = linear_shapes(transformer)
+    pairs = {}
+    for module, target in plan_merge(modules, transformer).items():
+        lora = modules[module]
+        # alpha/rank folded into down in float32, as lora.normalize does for the Qwen family.
+        down = lora.down if lora.scale == 1.0 else lora.down.float() * lora.scale
+        up = torch.cat(lora.up.chunk(2, dim=0)[::-1]) if target.swap_halves else lora.up
+        row = 0
+        for name in target.params:
+            rows = shapes[name][0]
+            pairs[name.removesuffix(".weight")] = (down, up[row:row + rows])
+            row += rows
+    return pairs
 
 
 class LoraMerger:

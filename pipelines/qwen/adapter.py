@@ -20,9 +20,10 @@ import hashlib
 import os
 import secrets
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from functools import partial
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -34,6 +35,7 @@ from previewd.errors import LoraError, NonFiniteOutput, PipelineError, RenderInt
 from previewd.pipelines import adapter_class
 from previewd.pipelines import device as devices
 from previewd.pipelines.base import StepCallback, StopCheck, Stopwatch, check_spec
+from previewd.pipelines.lora import linear_module_names, load_lora
 from previewd.pipelines.lru import LruCache
 from previewd.pipelines.memory import MemoryPlan, plan_model, settings_for, source_precision
 from previewd.pipelines.placement import EncoderVisit, Placer, from_pretrained
@@ -48,6 +50,10 @@ from previewd.pipelines.qwen.encode import (
     text_encoder_tensor,
 )
 from previewd.pipelines.qwen.lora_state import LoraMode, QwenLoraState
+from previewd.pipelines.qwen.rotary_dtype import rotary_tables_in
+from previewd.pipelines.quantization import Quantization
+from previewd.pipelines.quantize import QuantizedModel, quantize_transformer
+from previewd.pipelines.runtime_lora import Pair, RuntimeLora
 from previewd.spec import NUMBERED_CONTROL_SLOTS, ModelSource, RenderResult, RenderSpec
 
 AITK_SCHEDULER: dict[str, Any] = {
@@ -95,7 +101,8 @@ class _QwenPreview:
 
     control_kind = "none"
 
-    def __init__(self, model_id: str, source: ModelSource, *, device: str, dtype: str) -> None:
+    def __init__(self, model_id: str, source: ModelSource, *, device: str, dtype: str,
+                 quantization: Quantization | None = None) -> None:
         if model_id not in MODELS or adapter_class(model_id) is not type(self):
             raise PipelineError(f"{type(self).__name__} cannot render model id {model_id!r}")
         self.model_id = model_id
@@ -105,6 +112,10 @@ class _QwenPreview:
         self.dtype = dtype
         self.pipe = None
         self.lora: QwenLoraState | None = None
+        self.quantization = quantization or Quantization.configured(source)
+        self.quantized: QuantizedModel | None = None
+        self.runtime_lora: RuntimeLora | None = None
+        """ai-toolkit's runtime LoRA branch (quantised or unmerged runs); exclusive with `lora`'s peft adapter."""
         self._hub_scheduler_config: dict[str, Any] | None = None
         self._embeds: LruCache[tuple, tuple[torch.Tensor, torch.Tensor]] = LruCache(EMBED_CACHE_SIZE)
         self.plan: MemoryPlan | None = None
@@ -169,11 +180,10 @@ class _QwenPreview:
             pipe = from_pretrained(self.prebuilt, "pipeline", cls, self.source.path,
                                    dtype=devices.torch_dtype(self.dtype), local_files_only=True,
                                    **self._placed_components(placer), **self._text_encoder_overrides(placer))
-            if self.source.quantize_text_encoder == "qfloat8":
-                from optimum.quanto import freeze, qfloat8, quantize
-
-                quantize(pipe.text_encoder, weights=qfloat8)
-                freeze(pipe.text_encoder)
+            self.quantized = quantize_transformer(self.quantization, pipe.transformer,
+                                                  dtype=devices.torch_dtype(self.dtype),
+                                                  read_ara=partial(_branch_pairs, pipe.transformer))
+            self.quantized.quantize_text_encoder(pipe.text_encoder)
             placer.quantize_to_fit("transformer", pipe.transformer)
             placer.quantize_to_fit("text_encoder", pipe.text_encoder)
             placer.install_pipeline(pipe)
@@ -183,11 +193,14 @@ class _QwenPreview:
         pipe.set_progress_bar_config(disable=True)
         self._hub_scheduler_config = dict(pipe.scheduler.config)
         self.lora = QwenLoraState(pipe, model_id=self.model_id, source_path=self.source.path)
+        self.runtime_lora = RuntimeLora(pipe.transformer, partial(_branch_pairs, pipe.transformer))
         self.pipe, self._placer = pipe, placer
 
     def unload(self) -> None:
         self.pipe = None
         self.lora = None
+        self.quantized = None
+        self.runtime_lora = None
         self._offloaded_text_encoder = None
         self._placer = Placer(None, self.device)
         self._embeds.clear()
@@ -205,7 +218,7 @@ class _QwenPreview:
             # 2. Load the model and apply the LoRA
             self.load()
             clock.lap("load")
-            lora_record = self.lora.apply(spec.lora, self._lora_mode(spec))
+            lora_record = self._apply_lora(spec)
             clock.lap("lora")
             # 3. Encode prompt
             embeds = self.encode_prompt(spec, call)
@@ -224,7 +237,11 @@ class _QwenPreview:
 
     def check(self, spec: RenderSpec) -> None:
         """Refuse what cannot render, before anything loads."""
-        check_spec(spec, self.model_id, self._control_problems(spec))
+        wanted = Quantization.of(spec, self.source)
+        mismatch = [] if wanted == self.quantization else [
+            f"quantization: this pipeline is loaded with {self.quantization.describe()}, the render asks for "
+            f"{wanted.describe()}"]
+        check_spec(spec, self.model_id, self._control_problems(spec) + mismatch)
         if spec.lora is not None and not os.path.isfile(spec.lora.path):
             raise LoraError(f"{spec.lora.path}: LoRA file not found")
 
@@ -252,12 +269,22 @@ class _QwenPreview:
                      controls=plan_controls(spec, self.control_kind, images) if self.control_kind != "none" else None,
                      vae_tiling=spec.parity == "aitk" and spec.aitk.vae_tiling)
 
-    def _lora_mode(self, spec: RenderSpec) -> LoraMode:
-        """aitk: as ai-toolkit sampled (merged, or a runtime branch for quantised runs); reference: the
-        seeds' per-model choice (fused for 2512/2511, adapters for edit/2509)."""
+    def _lora_mode(self, spec: RenderSpec) -> LoraMode | Literal["branch"]:
+        """aitk: as ai-toolkit sampled (merged, or its runtime branch for quantised or unmerged runs; it
+        never merges into a quantised model); reference: the seeds' per-model choice (fused for
+        2512/2511, adapters for edit/2509)."""
         if spec.parity == "aitk":
-            return "fuse" if spec.aitk.lora_merged else "adapter"
+            return "fuse" if spec.aitk.lora_merged and self.quantization.transformer is None else "branch"
         return "fuse" if self.info.lora_mode == "fuse" else "adapter"
+
+    def _apply_lora(self, spec: RenderSpec) -> dict[str, Any] | None:
+        """The LoRA as ai-toolkit's runtime branch, or through peft (fused, or an adapter); never both."""
+        mode = self._lora_mode(spec)
+        if mode == "branch":
+            self.lora.apply(None)
+            return self.runtime_lora.apply(spec.lora)
+        self.runtime_lora.clear()
+        return self.lora.apply(spec.lora, mode)
 
     def encode_prompt(self, spec: RenderSpec, call: _Call) -> Embeds:
         """The prompt's embeddings and, with CFG, the negative prompt's; cached across renders."""
@@ -275,16 +302,19 @@ class _QwenPreview:
                 self._visit = None
         return embeds
 
-    def _cached_embeds(self, key: tuple, compute) -> tuple[torch.Tensor, torch.Tensor]:
+    def _cached_embeds(self, key: tuple, compute, parity: str) -> tuple[torch.Tensor, torch.Tensor]:
         def with_mask() -> tuple[torch.Tensor, torch.Tensor]:
             with self._text_encoder_on_device():
-                embeds, mask = compute()
+                rotary = (rotary_tables_in(self.pipe.text_encoder, devices.torch_dtype(self.dtype))
+                          if parity == "aitk" else nullcontext())
+                with rotary:
+                    embeds, mask = compute()
             if mask is None:
                 # ai-toolkit keeps an explicit all-ones mask; the pipelines turn it back into None.
                 mask = torch.ones(embeds.shape[:2], dtype=torch.int64, device=embeds.device)
             return embeds, mask
 
-        return self._embeds.get_or_compute(key, with_mask)
+        return self._embeds.get_or_compute((parity, *key), with_mask)
 
     def _encode(self, text: str, spec: RenderSpec, plan: ControlPlan | None,
                 images_key: tuple) -> tuple[torch.Tensor, torch.Tensor]:
@@ -361,7 +391,7 @@ class _QwenPreview:
             "source": self.source.path,
             "device": self.device,
             "dtype": self.dtype,
-            "text_encoder_quantization": self.source.quantize_text_encoder,
+            "quantization": self.quantized.record(),
             **self._placer.record(),
             "prompt": spec.prompt,
             "neg": spec.neg,
@@ -382,6 +412,19 @@ class _QwenPreview:
             **self._te_record(spec, call.controls),
             **call_record,
         }
+
+
+def _branch_pairs(transformer: torch.nn.Module, path) -> dict[str, Pair]:
+    """(down, up) per transformer layer of a LoRA file (a checkpoint, or an accuracy recovery adapter),
+    keyed by the Linear layer's path: inside a peft wrapper left from an earlier render, its base layer."""
+    layers = {name.removesuffix(".base_layer"): name for name in linear_module_names(transformer)}
+    weights = load_lora(path, module_names=set(layers))
+    if weights.unmatched:
+        logger.warning("%s: %d LoRA module(s) match nothing in the transformer and are skipped: %s", path,
+                       len(weights.unmatched), ", ".join(weights.unmatched[:5]))
+    return {layers[module]: (weights.state_dict[f"transformer.{module}.lora_A.weight"],
+                             weights.state_dict[f"transformer.{module}.lora_B.weight"])
+            for module in weights.modules}
 
 
 def _step_callback(spec: RenderSpec, on_step: StepCallback | None, should_stop: StopCheck | None):
@@ -415,7 +458,7 @@ class QwenImagePreview(_QwenPreview):
     def _encode(self, text, spec, plan, images_key):
         key = ("t2i", text)
         return self._cached_embeds(key, lambda: self.pipe.encode_prompt(text, device=self.pipe._execution_device,
-                                                                        num_images_per_prompt=1))
+                                                                        num_images_per_prompt=1), spec.parity)
 
     def _run_pipeline(self, spec, call, embeds, generator, callback):
         out = self.pipe(**embeds, height=call.height, width=call.width, num_inference_steps=spec.sample_steps,
@@ -435,7 +478,7 @@ class _QwenEditBase(_QwenPreview):
                 for _slot, img in plan.text_encoder]
 
     def _encode(self, text, spec, plan, images_key):
-        key = (self.control_kind, spec.parity, self._te_area(), text, images_key)
+        key = (self.control_kind, self._te_area(), text, images_key)
 
         def compute():
             tensors = self._te_images(plan, spec)
@@ -443,7 +486,7 @@ class _QwenEditBase(_QwenPreview):
             return self.pipe.encode_prompt(text, image=image, device=self.pipe._execution_device,
                                            num_images_per_prompt=1)
 
-        return self._cached_embeds(key, compute)
+        return self._cached_embeds(key, compute, spec.parity)
 
     def _te_record(self, spec, plan):
         return {"text_encoder_images": [

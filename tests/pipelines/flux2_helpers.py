@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from previewd.spec import ControlImage, LoraSpec, ModelSource, RenderSpec
+from previewd.spec import AitkOptions, ControlImage, LoraSpec, ModelSource, RenderSpec
 
 GOLDENS = Path(__file__).resolve().parents[3] / "shared" / "goldens"
 PROFILE_DIR = {"aitk": "aitk", "reference": "ref"}
@@ -77,13 +77,20 @@ def case_specs(profile: str, case_id: str) -> tuple[str, list[RenderSpec]]:
     request = json.loads((case_dir(profile, case_id) / "request.json").read_text())
     controls = tuple(ControlImage(slot=slot, path=str(GOLDENS / item["file"]))
                      for slot, item in request["control_images"].items())
+    aitk = request.get("aitk", {})
+    config = aitk.get("model_config", {})
+    # ai-toolkit's FLUX.2 quantises its text encoder with `qtype` (aitk-quantized.md §4).
+    qtype = config.get("qtype", "qfloat8")
+    options = AitkOptions(lora_merged=not str(aitk.get("lora_application")).startswith("UNMERGED"),
+                          quantize=config.get("quantize", False), qtype=qtype,
+                          quantize_te=config.get("quantize_te", False), qtype_te=qtype)
 
     def one(lora_file, multiplier):
         lora = None if lora_file is None else LoraSpec(path=str(GOLDENS / lora_file), network_multiplier=multiplier)
         return RenderSpec(model="flux2", parity=profile, prompt=request["prompt"], neg=request["neg"],
                           width=request["width"], height=request["height"], seed=request["seed"],
                           sample_steps=request["steps"], guidance_scale=request["guidance"], lora=lora,
-                          control_images=controls)
+                          control_images=controls, aitk=options)
 
     if "switch" in request:
         steps = [request["switch"]["first"], request["switch"]["then"]]

@@ -47,18 +47,34 @@ def specs_for_case(profile: str, model_id: str, case_id: str) -> list[RenderSpec
     gen = aitk.get("generate_image_config", {})
     controls = tuple(ControlImage(slot=slot, path=str(GOLDENS / item["file"]), sha256=item.get("sha256"))
                      for slot, item in request.get("control_images", {}).items())
+    config = aitk.get("model_config", {})
     base = dict(model=model_id, parity=profile, prompt=request["prompt"], neg=request["neg"],
                 width=request["width"], height=request["height"], seed=request["seed"],
                 sample_steps=request["steps"], guidance_scale=request["guidance"], control_images=controls,
                 aitk=AitkOptions(do_cfg_norm=bool(gen.get("do_cfg_norm", False)),
-                                 vae_tiling=bool(aitk.get("model_config", {}).get("low_vram", False)),
-                                 lora_merged=not str(aitk.get("lora_application")).startswith("UNMERGED")))
+                                 vae_tiling=bool(config.get("low_vram", False)),
+                                 lora_merged=not str(aitk.get("lora_application")).startswith("UNMERGED"),
+                                 **quantization_options(config)))
     switch = request.get("switch")
     if switch:
         return [RenderSpec(**base, lora=_lora(step["lora"], step["scale"]))
                 for step in (switch["first"], switch["then"])]
     lora = request.get("lora")
     return [RenderSpec(**base, lora=_lora(lora["file"], lora["multiplier"]) if lora else None)]
+
+
+def quantization_options(model_config: dict) -> dict:
+    """AitkOptions fields for a case's recorded ai-toolkit `model:` settings (the ARA path is relative
+    to the goldens, as it was to ai-toolkit's working directory)."""
+    qtype, _, ara = model_config.get("qtype", "qfloat8").partition("|")
+    return {"quantize": model_config.get("quantize", False), "qtype": qtype,
+            "ara": str(GOLDENS / ara) if ara else None, "quantize_te": model_config.get("quantize_te", False),
+            "qtype_te": model_config.get("qtype_te", "qfloat8")}
+
+
+def case_dtype(profile: str, model_id: str, case_id: str) -> str:
+    request = json.loads((case_dir(profile, model_id, case_id) / "request.json").read_text())
+    return request.get("dtype", "float32")
 
 
 def expected_png(profile: str, model_id: str, case_id: str) -> np.ndarray:

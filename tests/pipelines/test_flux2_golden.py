@@ -13,6 +13,7 @@ from PIL import Image
 
 from flux2_helpers import GOLDENS, case_dir, case_specs, golden_cases, pixels
 from previewd.pipelines import create
+from previewd.pipelines.quantization import Quantization
 from previewd.spec import ModelSource
 
 pytestmark = [pytest.mark.golden, pytest.mark.slow]
@@ -22,7 +23,7 @@ TOLERANCE = 2
 def test_the_goldens_are_there():
     """../shared/goldens sits beside the repository (as in CI); without it nothing below would run."""
     assert len(golden_cases()) >= 20, f"expected the FLUX.2 golden cases under {GOLDENS}"
-_pipes: dict[str, object] = {}
+_pipes: dict[tuple, object] = {}
 
 
 @pytest.fixture(scope="module")
@@ -34,17 +35,20 @@ def pipes():
     _pipes.clear()
 
 
-def pipe_for(pipes, dtype: str):
-    if dtype not in pipes:
-        pipes[dtype] = create("flux2", ModelSource(path=str(GOLDENS / "models" / "flux2")), device="cpu",
-                              dtype=dtype)
-    return pipes[dtype]
+SOURCE = ModelSource(path=str(GOLDENS / "models" / "flux2"))
+
+
+def pipe_for(pipes, dtype: str, quantization: Quantization):
+    """One pipeline per (dtype, quantisation), kept across cases as the daemon keeps its pipeline."""
+    if (dtype, quantization) not in pipes:
+        pipes[dtype, quantization] = create("flux2", SOURCE, device="cpu", dtype=dtype, quantization=quantization)
+    return pipes[dtype, quantization]
 
 
 @pytest.mark.parametrize(("profile", "case_id"), golden_cases(), ids=lambda v: v)
 def test_matches_golden(pipes, profile, case_id):
     dtype, specs = case_specs(profile, case_id)
-    pipe = pipe_for(pipes, dtype)
+    pipe = pipe_for(pipes, dtype, Quantization.of(specs[-1], SOURCE))
     for spec in specs:
         result = pipe.render(spec)
     expected = np.asarray(Image.open(case_dir(profile, case_id) / "output.png").convert("RGB")).astype(np.int16)

@@ -85,7 +85,7 @@ def test_separate_text_encoder_source_and_qfloat8(tiny_model):
     quantized = create("flux2", ModelSource(path=model, quantize_text_encoder="qfloat8"), device="cpu",
                        dtype="float32")
     result = quantized.render(spec())
-    assert result.record["text_encoder_quantization"] == "qfloat8"
+    assert result.record["quantization"]["text_encoder"] == "qfloat8"
     assert type(quantized.text_encoder.model.language_model.layers[0].mlp.up_proj).__name__ == "QLinear"
     for pipe in (plain, split, quantized):
         pipe.unload()

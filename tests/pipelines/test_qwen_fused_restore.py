@@ -79,7 +79,7 @@ def test_aitk_unmerged_runs_use_a_runtime_branch_and_modes_switch_cleanly(tiny):
     first = pipeline.render(merged)
     branch = pipeline.render(unmerged)
     again = pipeline.render(merged)
-    assert first.record["lora"]["mode"] == "fuse" and branch.record["lora"]["mode"] == "adapter"
+    assert first.record["lora"]["mode"] == "fuse" and branch.record["lora"]["mode"] == "branch"
     assert np.array_equal(np.asarray(first.image), np.asarray(again.image))
     pipeline.lora.apply(None)
     fresh = QwenImagePreview("qwen_image_2512", ModelSource(path=str(folder)), device="cpu", dtype="bfloat16")

@@ -16,8 +16,10 @@ import torch
 
 from previewd.errors import NonFiniteOutput
 from previewd.pipelines import create
+from previewd.pipelines.quantization import Quantization
 from previewd.pipelines.qwen.adapter import AITK_SCHEDULER
-from qwen_helpers import GOLDENS, expected_png, golden_cases, golden_model, max_level_diff, specs_for_case
+from qwen_helpers import (GOLDENS, case_dtype, expected_png, golden_cases, golden_model, max_level_diff,
+                          specs_for_case)
 
 pytestmark = [pytest.mark.golden, pytest.mark.slow]
 TOLERANCE = 1
@@ -30,13 +32,16 @@ def test_the_goldens_are_there():
 
 @pytest.fixture(scope="module")
 def adapters():
+    """One adapter per (model, dtype, quantisation), kept across cases as the daemon keeps its pipeline."""
     torch.set_num_threads(2)
     made = {}
 
-    def get(model_id):
-        if model_id not in made:
-            made[model_id] = create(model_id, golden_model(model_id), device="cpu", dtype="float32")
-        return made[model_id]
+    def get(model_id, dtype, quantization):
+        key = (model_id, dtype, quantization)
+        if key not in made:
+            made[key] = create(model_id, golden_model(model_id), device="cpu", dtype=dtype,
+                               quantization=quantization)
+        return made[key]
 
     yield get
     for adapter in made.values():
@@ -45,8 +50,9 @@ def adapters():
 
 @pytest.mark.parametrize("profile, model_id, case_id", golden_cases(), ids=lambda v: v)
 def test_golden_case(adapters, profile, model_id, case_id):
-    adapter = adapters(model_id)
     specs = specs_for_case(profile, model_id, case_id)
+    adapter = adapters(model_id, case_dtype(profile, model_id, case_id),
+                       Quantization.of(specs[-1], golden_model(model_id)))
     if "nan_edge" in case_id:
         with pytest.raises(NonFiniteOutput):
             adapter.render(specs[-1])

@@ -251,14 +251,14 @@ def test_row9_seed_flag_minus_one_is_a_fixed_seed(tmp_path):
 
 # -- the two found by rendering --------------------------------------------------------------
 
-def test_qwen_image_edit_example_passes_ctrl_img_only(tmp_path):
+def test_qwen_image_edit_example_passes_ctrl_img_only(tmp_path, example_aras):
     picture = image(tmp_path / "control" / "image.jpg")
     raw = yaml.safe_load((EXAMPLES / "train_lora_qwen_image_edit_32gb.yaml").read_text())
     raw["config"]["process"][0]["training_folder"] = str(tmp_path / "output")
     for item in raw["config"]["process"][0]["sample"]["samples"]:
         item["ctrl_img"] = str(picture)
     [config] = write_run(raw["config"]["name"], *raw["config"]["process"])
-    job, renders = render(config, tmp_path)
+    job, renders = render(config, tmp_path, aitk_root=example_aras)
     assert job.model == "qwen_image_edit" and len(renders) == 10
     for i, (index, spec) in enumerate(renders):
         assert index == i
@@ -372,14 +372,14 @@ def test_ui_uploaded_control_image_outside_allowed_roots_names_the_data_folder(t
     ("train_lora_qwen_image_edit_32gb.yaml", "qwen_image_edit", 10, ["ctrl_img"]),
     ("train_lora_qwen_image_edit_2509_32gb.yaml", "qwen_image_edit_plus", 5, ["ctrl_img_1", "ctrl_img_2"]),
 ])
-def test_example_configs_sample_exactly_as_ai_toolkit(tmp_path, name, model, prompts, slots):
+def test_example_configs_sample_exactly_as_ai_toolkit(tmp_path, example_aras, name, model, prompts, slots):
     text = (EXAMPLES / name).read_text()
     for path in ("/path/to/image1.png", "/path/to/image2.png", "/path/to/control/image.jpg"):
         text = text.replace(path, str(image(tmp_path / path.lstrip("/"))))
     raw = yaml.safe_load(text)
     raw["config"]["process"][0]["training_folder"] = str(tmp_path / "output")
     [config] = write_run(raw["config"]["name"], *raw["config"]["process"])
-    job, renders = render(config, tmp_path)
+    job, renders = render(config, tmp_path, aitk_root=example_aras)
     assert (job.model, job.base, len(renders)) == (model, None, prompts)
     source = raw["config"]["process"][0]["sample"]
     texts = source.get("prompts") or [s["prompt"] for s in source["samples"]]
@@ -387,3 +387,6 @@ def test_example_configs_sample_exactly_as_ai_toolkit(tmp_path, name, model, pro
         assert index == i
         assert params(spec) == (texts[i], "", 42 + i, 1024, 1024, 25, 3.0, 1.0, slots)
         assert spec.aitk.vae_tiling and not spec.aitk.lora_merged  # low_vram; quantised: LoRA unmerged
+        # uint3 with its accuracy recovery adapter, text encoder qfloat8 (ai-toolkit's example settings)
+        assert (spec.aitk.quantize, spec.aitk.qtype, spec.aitk.quantize_te, spec.aitk.qtype_te) == \
+            (True, "uint3", True, "qfloat8") and spec.aitk.ara.endswith("_torchao_uint3.safetensors")

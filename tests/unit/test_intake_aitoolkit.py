@@ -5,7 +5,7 @@ import yaml
 from PIL import Image
 
 from previewd.errors import ControlImageError, IntakeError
-from previewd.intake.aitoolkit import (checkpoint_step, is_checkpoint, model_id, read_job,
+from previewd.intake.aitoolkit import (checkpoint_step, is_checkpoint, model_id, parity_gaps, read_job,
                                        specs_for_checkpoint)
 from previewd.intake.images import ControlImageStore
 
@@ -38,7 +38,7 @@ def fake_resolver(source, base_dir, field):
     return Img()
 
 
-def test_example_text_to_image_job():
+def test_example_text_to_image_job(example_aras):
     job = read_job(EXAMPLES / "train_lora_qwen_image_24gb.yaml")
     assert job.model == "qwen_image"
     assert job.name == "my_first_qwen_image_lora_v1"
@@ -51,15 +51,21 @@ def test_example_text_to_image_job():
     assert job.aitk.vae_tiling is True and job.aitk.do_cfg_norm is False
     assert job.settings["quantize"] is True and job.settings["qtype"].startswith("uint3|")
     assert job.settings["lora_merged"] is False  # quantized runs sample with the LoRA unmerged
+    # uint3 with its adapter (found in the local Hugging Face cache, kept as the hub path) and a qfloat8
+    # text encoder: all reproduced, so no quantisation gap.
+    assert (job.aitk.quantize, job.aitk.qtype, job.aitk.quantize_te, job.aitk.qtype_te) == (True, "uint3", True,
+                                                                                            "qfloat8")
+    assert job.aitk.ara == "ostris/accuracy_recovery_adapters/qwen_image_torchao_uint3.safetensors"
+    assert not any("quantis" in gap for gap in parity_gaps(job))
 
 
 @pytest.mark.parametrize("name,count,slots", [
     ("train_lora_qwen_image_edit_32gb.yaml", 10, ["ctrl_img"]),
     ("train_lora_qwen_image_edit_2509_32gb.yaml", 5, ["ctrl_img_1", "ctrl_img_2"]),
 ])
-def test_example_edit_jobs_name_every_missing_control_image(name, count, slots):
+def test_example_edit_jobs_name_every_missing_control_image(example_aras, name, count, slots):
     with pytest.raises(IntakeError) as err:
-        read_job(EXAMPLES / name)
+        read_job(EXAMPLES / name, aitk_root=example_aras)
     problems = err.value.problems
     assert err.value.kind == "aitk-job" and err.value.path.endswith(name)
     assert len(problems) == count * len(slots)  # an inherited ctrl_img_1 is not reported twice
@@ -71,13 +77,13 @@ def test_example_edit_jobs_name_every_missing_control_image(name, count, slots):
     ("train_lora_qwen_image_edit_32gb.yaml", "qwen_image_edit", "do the thing to it"),
     ("train_lora_qwen_image_edit_2509_32gb.yaml", "qwen_image_edit_plus", "Do whatever with Image1 and Image2"),
 ])
-def test_example_edit_jobs_with_images_present(tmp_path, name, model, first_prompt):
+def test_example_edit_jobs_with_images_present(tmp_path, example_aras, name, model, first_prompt):
     (tmp_path / "to" / "control").mkdir(parents=True)
     for rel in ("to/image1.png", "to/image2.png", "to/control/image.jpg"):
         Image.new("RGB", (8, 8)).save(tmp_path / rel)
     text = (EXAMPLES / name).read_text().replace("/path/to/", f"{tmp_path}/to/")
     (tmp_path / "config.yaml").write_text(text)
-    job = read_job(tmp_path / "config.yaml")
+    job = read_job(tmp_path / "config.yaml", aitk_root=example_aras)
     assert job.model == model
     assert job.samples[0].prompt == first_prompt
     specs = specs_for_checkpoint(job, "/ck.safetensors", parity="aitk", resolve_image=fake_resolver)
@@ -287,3 +293,70 @@ def test_not_a_job_config(tmp_path):
     p.write_text("model: qwen_image\n")
     with pytest.raises(IntakeError, match="not an ai-toolkit job config"):
         read_job(p)
+
+
+# -- quantised runs (aitk-quantized.md §1) -------------------------------------------------------
+
+def quantised(tmp_path, name_or_path="Qwen/Qwen-Image-2512", arch="qwen_image", **model):
+    job = read_job(write_job(tmp_path, {"model": {"name_or_path": name_or_path, "arch": arch, **model}}),
+                   aitk_root=tmp_path)
+    return job, [gap for gap in parity_gaps(job) if "quantis" in gap or "float8" in gap]
+
+
+def test_quantize_alone_also_quantises_the_text_encoder_and_nothing_is_left_to_explain(tmp_path):
+    job, gaps = quantised(tmp_path, quantize=True)
+    assert (job.aitk.quantize, job.aitk.qtype, job.aitk.ara, job.aitk.quantize_te, job.aitk.qtype_te) == \
+        (True, "qfloat8", None, True, "qfloat8")
+    assert job.aitk.lora_merged is False and gaps == []
+
+
+def test_a_run_that_does_not_quantise_says_so_whatever_previewd_is_configured_with(tmp_path):
+    job, gaps = quantised(tmp_path)
+    assert (job.aitk.quantize, job.aitk.quantize_te) == (False, False) and gaps == []
+
+
+def test_what_previewd_does_not_reproduce_stays_a_gap_that_says_exactly_what(tmp_path):
+    job, gaps = quantised(tmp_path, quantize=True, qtype="qint4", quantize_te=True, qtype_te="uint4")
+    assert (job.aitk.quantize, job.aitk.quantize_te, job.aitk.qtype_te) == (False, True, "uint4")
+    assert gaps == ["ai-toolkit sampled a qint4-quantised transformer, which previewd does not reproduce: it "
+                    "renders the transformer in full precision (with the LoRA unmerged, as ai-toolkit applied it), "
+                    "so small differences are expected"]
+    job, gaps = quantised(tmp_path, quantize=True, layer_offloading=True)
+    assert (job.aitk.quantize, job.aitk.quantize_te) == (False, False)
+    assert [gap.split(",")[0] for gap in gaps] == [
+        "ai-toolkit sampled a torchao float8 (its qfloat8 under layer_offloading) transformer",
+        "ai-toolkit sampled with a torchao float8 (its qfloat8 under layer_offloading) text encoder"]
+
+
+def test_flux2_quantises_its_text_encoder_with_qtype(tmp_path):
+    job, gaps = quantised(tmp_path, "black-forest-labs/FLUX.2-dev", "flux2", quantize=True, qtype="uint4",
+                          qtype_te="qfloat8")
+    assert (job.aitk.qtype, job.aitk.quantize_te, job.aitk.qtype_te) == ("uint4", True, "uint4") and gaps == []
+
+
+def test_the_adapter_is_found_like_ai_toolkit_finds_it_and_a_missing_one_names_what_to_fetch(tmp_path, example_aras):
+    (tmp_path / "my_lora").mkdir()
+    (tmp_path / "my_lora" / "ara.safetensors").write_bytes(b"x")
+    job, _ = quantised(tmp_path, quantize=True, qtype="uint3|ara.safetensors")  # the run folder first
+    assert job.aitk.ara == str(tmp_path / "my_lora" / "ara.safetensors")
+    (example_aras / "mine").mkdir()
+    (example_aras / "mine" / "ara.safetensors").write_bytes(b"x")
+    job = read_job(write_job(tmp_path, {"model": {"name_or_path": "Qwen/Qwen-Image-2512", "arch": "qwen_image",
+                                                  "quantize": True, "qtype": "uint4|mine/ara.safetensors"}}),
+                   aitk_root=example_aras)  # then ai-toolkit's own folder
+    assert job.aitk.ara == str(example_aras / "mine" / "ara.safetensors")
+    job, _ = quantised(tmp_path, quantize=True,
+                       qtype="uint3|ostris/accuracy_recovery_adapters/qwen_image_torchao_uint3.safetensors")
+    assert job.aitk.ara == "ostris/accuracy_recovery_adapters/qwen_image_torchao_uint3.safetensors"
+    with pytest.raises(IntakeError) as err:
+        quantised(tmp_path, quantize=True, qtype="uint3|ostris/accuracy_recovery_adapters/qwen_image_2512.safetensors")
+    [problem] = err.value.problems
+    assert problem.startswith("config.process[0].model.qtype: the accuracy recovery adapter")
+    assert problem.endswith("fetch it with `hf download ostris/accuracy_recovery_adapters qwen_image_2512.safetensors`")
+    with pytest.raises(IntakeError, match="is not a file on this machine"):
+        quantised(tmp_path, quantize=True, qtype="uint3|not/here/at/all.safetensors")
+
+
+def test_an_adapter_of_a_quantisation_previewd_does_not_reproduce_is_not_looked_for(tmp_path):
+    job, gaps = quantised(tmp_path, quantize=True, qtype="qint4|nowhere.safetensors")
+    assert job.aitk.ara is None and len(gaps) == 1

@@ -229,3 +229,38 @@ def test_control_images_and_model_rules(inbox, store):
     assert got[2].startswith("prompts.2.ctrl_img: /etc/hostname is outside the allowed roots")
     got = problems(inbox, store, {"model": "qwen_image_2512", "prompts": [{"prompt": "a", "ctrl_img": "c.png"}]})
     assert got == ["prompts.0.ctrl_img: qwen_image_2512 takes no control image (got ctrl_img)"]
+
+
+def test_the_aitk_block_selects_the_quantisation_as_a_run_config_does(inbox, store, tmp_path, example_aras):
+    def options(model="qwen_image_2512", **aitk):
+        (_, spec), = read(inbox, store, {**SEED_EXAMPLE, "model": model, "aitk": aitk}).renders
+        return spec.aitk
+
+    plain = options()
+    assert (plain.quantize, plain.quantize_te) == (False, None)  # the configured text encoder applies
+    assert (options(quantize=True).quantize_te, options(quantize=True).qtype_te) == (True, "qfloat8")
+    assert options(quantize=True, quantize_te=False).quantize_te is False
+    (inbox / "ara.safetensors").write_bytes(b"x")
+    local = options(quantize=True, qtype="uint3|ara.safetensors")
+    assert (local.qtype, local.ara) == ("uint3", str(inbox / "ara.safetensors"))
+    hub = "ostris/accuracy_recovery_adapters/qwen_image_torchao_uint3.safetensors"
+    assert options(quantize=True, qtype=f"uint4|{hub}").ara == hub
+    plan = read(inbox, store, {**SEED_EXAMPLE, "model": "flux2",
+                               "aitk": {"quantize": True, "qtype": "uint4", "qtype_te": "qfloat8"}})
+    assert plan.renders[0][1].aitk.qtype_te == "uint4" and "FLUX.2 quantises its text encoder" in plan.warnings[0]
+
+
+def test_a_quantisation_previewd_cannot_reproduce_or_an_adapter_it_cannot_find_is_refused(inbox, store, tmp_path,
+                                                                                           example_aras):
+    def refused(**aitk):
+        return problems(inbox, store, {**SEED_EXAMPLE, "aitk": aitk})
+
+    assert refused(quantize=True, qtype="qint4") == [
+        "aitk.qtype: 'qint4' is not a quantisation previewd reproduces "
+        "(qfloat8, uint2, uint3, uint4, uint5, uint6, uint7, uint8)"]
+    assert refused(quantize_te=True, qtype_te="float8")[0].startswith("aitk.qtype_te: 'float8' is not")
+    [missing] = refused(quantize=True, qtype="uint3|ostris/accuracy_recovery_adapters/other.safetensors")
+    assert missing.endswith("fetch it with `hf download ostris/accuracy_recovery_adapters other.safetensors`")
+    (tmp_path / "outside.safetensors").write_bytes(b"x")
+    [outside] = refused(quantize=True, qtype=f"uint3|{tmp_path / 'outside.safetensors'}")
+    assert "outside the allowed roots" in outside

@@ -49,7 +49,7 @@ class OnGpu:
     peak = 10 * GiB
     instances: list["OnGpu"] = []
 
-    def __init__(self, model_id, source, *, device, dtype):
+    def __init__(self, model_id, source, *, device, dtype, quantization=None):
         self.model_id, self.device, self.loaded, self.renders = model_id, "cuda:0", False, []
         OnGpu.instances.append(self)
 

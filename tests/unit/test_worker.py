@@ -22,9 +22,9 @@ class StandIn:
     instances: list["StandIn"] = []
     fail_with: BaseException | None = None
 
-    def __init__(self, model_id, source, *, device, dtype):
+    def __init__(self, model_id, source, *, device, dtype, quantization=None):
         self.model_id, self.device, self.loads, self.unloaded = model_id, "cpu", 0, False
-        self.source = source
+        self.source, self.quantization = source, quantization
         StandIn.instances.append(self)
 
     def load(self):
@@ -156,3 +156,23 @@ def test_a_run_on_its_own_base_loads_that_base_with_its_own_text_encoder(env):
     own = StandIn.instances[1].source
     assert own.quantize_text_encoder == configured.quantize_text_encoder and own.text_encoder is None
     assert StandIn.instances[0].unloaded and StandIn.instances[1].loads == 1
+
+
+def test_one_quantised_base_per_model_and_quantisation_and_a_runs_checkpoints_reuse_it(env):
+    from previewd.pipelines.quantization import Quantization
+    from previewd.spec import AitkOptions
+
+    config, _store, renderer, _worker = env
+
+    def task(index, **aitk):
+        return RenderTask(spec=RenderSpec(model="qwen_image_2512", prompt=f"p{index}", width=64, height=64,
+                                          aitk=AitkOptions(**aitk)),
+                          target=OutputTarget(out_dir=str(config.outbox_root), image_name=f"{index}.png", title="t",
+                                              source="s", prompt_index=index))
+
+    uint3 = {"quantize": True, "qtype": "uint3", "quantize_te": False}
+    for index, options in enumerate([uint3, uint3, {}, {**uint3, "quantize_te": True}]):
+        renderer.render(task(index, **options))
+    assert [s.quantization for s in StandIn.instances] == [
+        Quantization(transformer="uint3"), Quantization(), Quantization(transformer="uint3", text_encoder="qfloat8")]
+    assert [s.loads for s in StandIn.instances] == [1, 1, 1]

@@ -54,7 +54,7 @@ class Pipeline:
 
     during_render = staticmethod(lambda: None)
 
-    def __init__(self, model_id, source, *, device, dtype):
+    def __init__(self, model_id, source, *, device, dtype, quantization=None):
         self.device = "cpu"
 
     def load(self):
