@@ -51,24 +51,26 @@ class Placer:
         return self.device if component in _LOADED_ON_DEVICE[self.placement] else OFFLOAD_DEVICE
 
     def load_kwargs(self, component: str) -> dict:
-        """from_pretrained arguments that put `component` straight where it lives. Nothing on the CPU,
-        where that is already where from_pretrained puts weights, nor for a component quantised to fit,
-        which is quantised in host memory first."""
+        """from_pretrained arguments that put `component` straight where it lives. Nothing on the CPU
+        (where from_pretrained puts weights anyway), nor for a component the plan holds quantised (for
+        the run, or to fit): that is quantised in host memory, and only its quantised weights reach the
+        device (`quantize_to_fit`)."""
         home = self.home(component)
-        return {} if home == "cpu" or self._quantizes(component) else {"device_map": home}
+        quantised = self.plan is not None and self.plan.precision.of(component) != "full"
+        return {} if home == "cpu" or quantised else {"device_map": home}
 
     def _quantizes(self, component: str) -> bool:
         return self.plan is not None and self.plan.precision.of(component) != self.plan.run_precision.of(component)
 
     def quantize_to_fit(self, component: str, module: torch.nn.Module) -> None:
         """The plan's quantize_to_fit precision (qfloat8, optimum-quanto, every Linear: what ai-toolkit's
-        qfloat8 runs do) on a full-precision component, then the component to where it lives."""
-        if not self._quantizes(component):
-            return
-        from optimum.quanto import freeze, qfloat8, quantize
+        qfloat8 runs do) on a full-precision component; then the component, quantised by whoever
+        quantised it, to where it lives."""
+        if self._quantizes(component):
+            from optimum.quanto import freeze, qfloat8, quantize
 
-        quantize(module, weights=qfloat8)
-        freeze(module)
+            quantize(module, weights=qfloat8)
+            freeze(module)
         module.to(self.home(component))
 
     # -- after loading --------------------------------------------------------------------------
