@@ -12,7 +12,8 @@ not a multiple of 64 in full precision.
 Placements, fastest first:
 - `resident`: every component on the device;
 - `te_offload`: the text encoder lives in host memory and comes to the device only for prompts not in
-  the embedding cache, while the transformer steps off; transformer and VAE stay;
+  the embedding cache (the transformer and VAE step off meanwhile when all do not fit); the
+  transformer and VAE stay;
 - `model_offload`: each component on the device only while it runs (diffusers' model CPU offload);
 - `group_offload`: the transformer and text encoder stream through the device a block at a time
   (diffusers' group offloading), the VAE stays.
