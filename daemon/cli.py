@@ -143,6 +143,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from previewd.pipelines import device as devices
     from previewd.pipelines import memory
     from previewd.pipelines.model_sources import resolve_source
+    from previewd.pipelines.quantization import Quantization
     from previewd.spec import MODEL_IDS
 
     unknown = sorted(set(args.model) - set(MODEL_IDS))
@@ -167,7 +168,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         except PreviewdError as exc:
             print(f"{model_id}: {exc}; planned from the released model's config")
         plan = memory.plan_model(model_id, source, device=device, dtype=dtype, settings=settings,
-                                 run_precision=memory.source_precision(source))
+                                 run_precision=memory.quantization_precision(Quantization.configured(source)))
         plans.append(plan)
         if not args.json:
             print(f"== {model_id} ({source.path})\n{plan.table()}\n")

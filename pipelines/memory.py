@@ -34,6 +34,7 @@ from pathlib import Path
 
 from previewd.catalog import MODELS
 from previewd.config import PLACEMENTS, MemoryConfig
+from previewd.pipelines.quantization import Quantization
 from previewd.spec import ModelSource
 
 COMPONENTS = ("text_encoder", "transformer", "vae")
@@ -438,9 +439,12 @@ def plan_model(model_id: str, source: ModelSource | None, *, device: str, dtype:
                   lora_rank=lora_rank_of(lora_path))
 
 
-def source_precision(source: ModelSource) -> Precision:
-    """The precision a configured model source asks for (its text-encoder quantisation)."""
-    return Precision(text_encoder="qfloat8" if source.quantize_text_encoder == "qfloat8" else "full")
+def quantization_precision(quantization: Quantization) -> Precision:
+    """The precision of a loaded model's quantisation (what the run sampled with); the accuracy
+    recovery adapter's rank is read from its file when it is a local one."""
+    ara = quantization.ara
+    return Precision(transformer=quantization.transformer or "full", text_encoder=quantization.text_encoder or "full",
+                     ara_rank=lora_rank_of(ara) if ara and Path(ara).is_file() else 0)
 
 
 def settings_for(memory: MemoryConfig, device: str) -> MemorySettings:

@@ -30,7 +30,7 @@ from previewd.pipelines.flux2 import numerics, sampler
 from previewd.pipelines.flux2 import text as flux2_text
 from previewd.pipelines.flux2 import vae as flux2_vae
 from previewd.pipelines.lru import LruCache
-from previewd.pipelines.memory import MemoryPlan, plan_model, settings_for, source_precision
+from previewd.pipelines.memory import MemoryPlan, plan_model, quantization_precision, settings_for
 from previewd.pipelines.model_sources import resolve_source
 from previewd.pipelines.placement import Placer, from_pretrained
 from previewd.pipelines.quantization import Quantization
@@ -149,7 +149,7 @@ class Flux2Preview:
         """Choose where the components go (before `load`), for the configured memory settings."""
         self.plan = plan_model(self.model_id, self.source, device=self.device, dtype=self.dtype_name,
                                settings=settings_for(memory, self.device),
-                               run_precision=source_precision(self.source), lora_path=lora_path)
+                               run_precision=quantization_precision(self.quantization), lora_path=lora_path)
         return self.plan
 
     def _load_text_encoder(self, model_root: Path, placer: Placer) -> None:

@@ -37,7 +37,7 @@ from previewd.pipelines import device as devices
 from previewd.pipelines.base import StepCallback, StopCheck, Stopwatch, check_spec
 from previewd.pipelines.lora import linear_module_names, load_lora
 from previewd.pipelines.lru import LruCache
-from previewd.pipelines.memory import MemoryPlan, plan_model, settings_for, source_precision
+from previewd.pipelines.memory import MemoryPlan, plan_model, quantization_precision, settings_for
 from previewd.pipelines.placement import EncoderVisit, Placer, from_pretrained
 from previewd.pipelines.qwen import encode as qwen_encode
 from previewd.pipelines.qwen.decode import decode_latents
@@ -136,7 +136,7 @@ class _QwenPreview:
         """Choose where the components go (before `load`), for the configured memory settings."""
         self.plan = plan_model(self.model_id, self.source, device=self.device, dtype=self.dtype,
                                settings=settings_for(memory, self.device),
-                               run_precision=source_precision(self.source), lora_path=lora_path)
+                               run_precision=quantization_precision(self.quantization), lora_path=lora_path)
         return self.plan
 
     def _text_encoder_overrides(self, placer: Placer) -> dict[str, Any]:
