@@ -92,9 +92,9 @@ def test_separate_text_encoder_source_and_qfloat8(tiny_model):
 
 
 def test_sources_never_download(tmp_path):
-    from previewd.errors import ConfigError
+    from previewd.errors import ModelNotFound
     from previewd.pipelines.model_sources import resolve_source
 
     assert resolve_source(str(tmp_path)) == tmp_path
-    with pytest.raises(ConfigError, match="never downloads"):
+    with pytest.raises(ModelNotFound, match="never downloads.*hf download previewd-tests/no-such-flux2-repo"):
         resolve_source("previewd-tests/no-such-flux2-repo")
