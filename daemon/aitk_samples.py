@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -18,7 +19,9 @@ def find_samples(job_dir: Path) -> dict[tuple[int, int], Path]:
     """
     newest: dict[tuple[int, int], tuple[int, Path]] = {}
     try:
-        paths = [p for p in (Path(job_dir) / "samples").iterdir() if p.is_file()]
+        # Regular files only: a link or FIFO planted there is no sample of ai-toolkit's.
+        with os.scandir(Path(job_dir) / "samples") as entries:
+            paths = [Path(e.path) for e in entries if e.is_file(follow_symlinks=False)]
     except OSError:
         return {}
     for path in paths:

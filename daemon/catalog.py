@@ -41,6 +41,10 @@ MODELS: dict[str, ModelInfo] = {
 assert set(MODELS) == set(MODEL_IDS)
 
 
+MAX_SEED = 2**64 - 1
+"""torch.manual_seed takes -2**63 to 2**64 - 1; intake's seeds are -1 (random) or non-negative."""
+
+
 def snap(value: int, divisor: int) -> int:
     """Floor to the divisor, as both ai-toolkit and the reference server do (Qwen 32, FLUX.2 16)."""
     return (int(value) // divisor) * divisor
@@ -52,6 +56,11 @@ def validate_spec(spec: RenderSpec) -> list[str]:
     if info is None:
         return [f"model: unknown model id {spec.model!r} (known: {', '.join(MODELS)})"]
     problems = []
+    if spec.seed > MAX_SEED:
+        problems.append(f"seed: {spec.seed} is beyond what torch.manual_seed accepts (at most 2**64 - 1)")
+    if info.family == "qwen" and spec.sample_steps < 2:
+        problems.append(f"sample_steps: {spec.sample_steps} cannot render on {spec.model} (a 1-step schedule ends "
+                        f"on a NaN sigma); use 2 or more")
     for name in ("width", "height"):
         value = getattr(spec, name)
         if snap(value, info.divisor) < MIN_SIDE:

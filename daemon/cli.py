@@ -196,11 +196,16 @@ def _store(config: Config):
 
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
-    store = _open(_load(args))
+    from previewd import database_identity
+
+    config = _load(args)
+    store = _open(config)
     try:
         found, head = store.upgrade_schema()
     finally:
         store.close()
+    # This database is now the one state_dir belongs to, even if it replaced a lost one.
+    database_identity.check_after_connect(config.db_url, config.state_dir, adopt=True)
     print(f"schema at {head} (head)" if found == head else f"schema upgraded from {found or 'nothing'} to {head}")
     return EXIT_OK
 

@@ -79,6 +79,61 @@ class OutputConfig(_Strict):
     """Also render each run's prompts on the base model (no LoRA), like ai-toolkit's step-0 sample."""
 
 
+class LimitsConfig(_Strict):
+    """What one dropped file may cost previewd; beyond it the file is refused with the reason."""
+
+    document_mb: float = Field(16.0, gt=0)
+    """Largest request or run config read (MiB); base64 control images count."""
+    document_nodes: int = Field(100_000, ge=100)
+    """Values (lists, mappings, texts, numbers, keys) one request or run config may hold, aliases expanded."""
+    yaml_alias_nodes: int = Field(1000, ge=0)
+    """Nodes YAML aliases may add to a document in all (an alias repeats its anchor's whole subtree)."""
+    max_depth: int = Field(32, ge=4, le=200)
+    """Deepest nesting of lists and mappings in a request or run config."""
+    prompts_per_file: int = Field(256, ge=1)
+    """Prompts one request or run may name (sweeps multiply them further, up to 2048 renders)."""
+    prompt_chars: int = Field(10000, ge=1)
+    """Longest prompt or negative prompt, in characters."""
+    checkpoint_gb: float = Field(8.0, gt=0)
+    """Largest checkpoint (GiB), by its size and by the tensor bytes its header claims."""
+    header_mb: float = Field(8.0, gt=0)
+    """Largest safetensors header (MiB); it may also not exceed the tensor data by more than 1 MiB."""
+    checkpoint_min_allocated: float = Field(0.5, ge=0, le=1)
+    """A checkpoint of 16 MiB or more must occupy at least this share of its size on disk: a sparse
+    file (holes) claims gigabytes it does not hold. 0 accepts sparse files (compressing filesystems)."""
+    incomplete_checkpoint_minutes: float = Field(10.0, gt=0)
+    """A checkpoint still shorter than its header says after this long without a change is refused."""
+    image_mb: float = Field(20.0, gt=0)
+    """Largest control image (file, download or decoded base64), MiB."""
+    image_megapixels: float = Field(50.0, gt=0)
+    """Largest control image in pixels (millions)."""
+
+    def nbytes(self, name: str) -> int:
+        """A size limit in bytes: `document_mb`, `checkpoint_gb`, ..."""
+        scale = 2**30 if name.endswith("_gb") else 2**20
+        return int(getattr(self, name) * scale)
+
+
+class UrlsConfig(_Strict):
+    """Control images given as http(s) URLs. Off unless hosts are listed."""
+
+    allow_hosts: tuple[str, ...] = ()
+    """Hosts control images may be downloaded from (`images.example.com`, or `*.example.com` for its
+    subdomains). Empty: URLs are refused. Addresses that resolve to loopback, link-local, private or
+    other non-public networks are refused whatever is listed."""
+    timeout_seconds: float = Field(20.0, gt=0, le=600)
+    """Total time one download may take, connection included."""
+
+    @field_validator("allow_hosts")
+    @classmethod
+    def _hosts(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for host in value:
+            bare = host.removeprefix("*.")
+            if not bare or "/" in bare or ":" in bare or "*" in bare:
+                raise ValueError(f"{host!r}: expected a host name such as images.example.com or *.example.com")
+        return tuple(h.lower() for h in value)
+
+
 class Config(_Strict):
     inbox: Path
     state_dir: Path
@@ -98,6 +153,8 @@ class Config(_Strict):
     worker: WorkerConfig = WorkerConfig()
     memory: MemoryConfig = MemoryConfig()
     output: OutputConfig = OutputConfig()
+    limits: LimitsConfig = LimitsConfig()
+    urls: UrlsConfig = UrlsConfig()
     models: dict[str, ModelSource] = Field(default_factory=dict)
 
     @field_validator("log_level", mode="before")
@@ -139,6 +196,11 @@ class Config(_Strict):
     @property
     def confinement_roots(self) -> list[Path]:
         return [p.resolve() for p in (*self.watch_roots, *self.allowed_roots)]
+
+    @property
+    def output_roots(self) -> list[Path]:
+        """Where the daemon writes: previews, error files beside inputs, the outbox."""
+        return [*self.confinement_roots, self.outbox_root.resolve()]
 
     def model_source(self, model_id: str, base: str | None = None) -> ModelSource:
         """Where `model_id` loads from: the configured source, else its hub id (through the local

@@ -9,14 +9,19 @@ Nothing here stops the daemon.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from previewd import outbox, rejections, snapshots
 from previewd.config import Config
+from previewd.errors import IntakeError, OutboxError
 from previewd.fileio import write_missing
+from previewd.inbox import Outcome
 from previewd.intake.planner import JOB_CONFIG, Plan, Planner
+from previewd.intake.safetensors_header import SafetensorsHeaderError
 from previewd.queue.states import JobState
 from previewd.queue.store import JobStore
+from previewd.safe_files import RefusedFile, Roots, shown
 from previewd.spec import LoraSpec, RenderSpec
 from previewd.tasks import RenderTask
 
@@ -44,19 +49,19 @@ class Dispatcher:
         self._config = config
         self._store = store
         self.planner = Planner(config)
+        self._roots = Roots(config.confinement_roots)
+        self._own = {Path(os.path.abspath(p)) for own in (config.state_dir, config.outbox_root)
+                     for p in (own, own.resolve())}
         self._reported: set[tuple[Path, str]] = set()
 
     def ignore(self, path: Path) -> bool:
-        """Files and folders the watcher should not even deliver."""
+        """Files and folders the watcher should not even deliver. Judged by the path as found, not
+        where a link leads: a link is delivered, and refused visibly if it leads out of the roots."""
         if any(part.startswith(".") for part in path.parts[-2:]) or path.name.endswith(IGNORED_SUFFIXES):
             return True
-        try:
-            resolved = path.resolve()
-        except (OSError, RuntimeError):  # a symlink loop or a vanished link target
+        absolute = Path(os.path.abspath(path))
+        if any(absolute.is_relative_to(own) for own in self._own):
             return True
-        for own in (self._config.state_dir, self._config.outbox_root):
-            if resolved.is_relative_to(own.resolve()):
-                return True
         # `path` may be a folder being scanned or a file. Preview folders carry the outbox's lock
         # file (created before their first image); ai-toolkit's samples/ sits in its run folder.
         for folder in (path, path.parent):
@@ -66,43 +71,62 @@ class Dispatcher:
                 return True
         return False
 
-    def handle(self, path: Path) -> bool:
-        """Carry out the plan of a settled file; False means "not ready yet, deliver it again later"."""
+    def handle(self, path: Path) -> Outcome:
+        """Carry out the plan of a settled file; RETRY/STALLED: not ready yet, deliver it again later."""
         plan = self.planner.plan(path)
         for note in plan.notes:
             self._once(path, note)
         if not plan.ready:
-            return False
+            return Outcome.STALLED if plan.settled else Outcome.RETRY
         for error in plan.rejected:
             rejections.reject(Path(error.path), error)
         try:
             tasks = self.materialise(plan)
         except OSError as exc:  # a checkpoint vanished before it was copied: it is seen again if it returns
             self._once(path, f"cannot read: {exc}")
-            return True
+            return Outcome.DONE
         if tasks:
             self._enqueue(path, tasks)
         for accepted in plan.accepted:
             rejections.clear(accepted)
-        return True
+        return Outcome.DONE
 
     def materialise(self, plan: Plan) -> list[RenderTask]:
         """Store the plan's control images and snapshot the LoRAs its tasks name; the tasks then
-        name previewd's own copies, identified by content hash."""
+        name previewd's own copies, identified by content hash. A checkpoint that cannot be kept
+        (changed meanwhile, non-finite weights) is rejected beside it, and its tasks dropped; a
+        request naming it is rejected as a whole."""
         write_missing(plan.assets)
-        snapped: dict[str, tuple[Path, str]] = {}
+        snapped: dict[str, tuple[Path, str] | None] = {}
         tasks = []
         for task in plan.tasks:
             lora = task.spec.lora
             if lora is not None and lora.sha256 is None:
                 if lora.path not in snapped:
-                    snapped[lora.path] = snapshots.snapshot(Path(lora.path), self._config.snapshot_dir)
+                    snapped[lora.path] = self._snapshot(Path(lora.path), plan)
+                if snapped[lora.path] is None:
+                    if plan.request:
+                        plan.accepted.clear()
+                        return []
+                    continue
                 snap, digest = snapped[lora.path]
                 spec = task.spec.model_copy(update={"lora": LoraSpec(
                     path=str(snap), sha256=digest, network_multiplier=lora.network_multiplier)})
                 task = task.model_copy(update={"spec": spec})
             tasks.append(task)
         return tasks
+
+    def _snapshot(self, lora: Path, plan: Plan) -> tuple[Path, str] | None:
+        try:
+            return snapshots.snapshot(lora, self._config.snapshot_dir, roots=self._roots, limits=self._config.limits)
+        except (SafetensorsHeaderError, RefusedFile) as exc:
+            reason = exc.reason if isinstance(exc, RefusedFile) else str(exc)
+        rejections.reject(lora, IntakeError(lora, "checkpoint", [f"(file): {reason}"]))
+        if plan.request:
+            rejections.reject(plan.source, IntakeError(plan.source, "request", [f"loras: {lora.name}: {reason}"]))
+        if lora in plan.accepted:
+            plan.accepted.remove(lora)
+        return None
 
     def _enqueue(self, source: Path, tasks: list[RenderTask]) -> None:
         queued = 0
@@ -114,10 +138,13 @@ class Dispatcher:
                 max_attempts=self._config.worker.max_attempts)
             queued += created
             # The page shows the cells to come: queued ones, and failed ones with their reason.
-            if job.state in (JobState.QUEUED, JobState.RUNNING):
-                outbox.record_cell(task, job_id=job.id, options=options)
-            elif job.state == JobState.FAILED:
-                outbox.record_cell(task, job_id=job.id, error=job.last_error or "failed", options=options)
+            try:
+                if job.state in (JobState.QUEUED, JobState.RUNNING):
+                    outbox.record_cell(task, job_id=job.id, options=options)
+                elif job.state == JobState.FAILED:
+                    outbox.record_cell(task, job_id=job.id, error=job.last_error or "failed", options=options)
+            except OutboxError as exc:  # the render fails on it too, and says so beside the folder
+                self._once(source, f"cannot prepare the output folder: {exc}")
         # Start-up scans and rescans deliver every known file again: only news is worth a line.
         (log.info if queued else log.debug)("%s: %d job(s) queued, %d already known", source, queued,
                                             len(tasks) - queued)
@@ -125,4 +152,4 @@ class Dispatcher:
     def _once(self, path: Path, message: str) -> None:
         if (path, message) not in self._reported:
             self._reported.add((path, message))
-            log.info("%s: %s", path, message)
+            log.info("%s: %s", shown(path), message)

@@ -29,16 +29,32 @@ class IntakeError(PreviewdError):
     "checkpoint"), `problems` a list of "dotted.field: message" lines.
     """
 
+    MAX_PROBLEMS = 30
+    MAX_LINE = 1000
+
     def __init__(self, path: str, kind: str, problems: list[str]):
         self.path = str(path)
         self.kind = kind
-        self.problems = list(problems)
-        lines = "\n".join(f"  {p}" for p in self.problems)
-        super().__init__(f"{self.path}: invalid {kind} ({len(self.problems)} problem(s)):\n{lines}")
+        # One short line per problem, however much of a hostile file a message quotes.
+        lines = [" ".join(str(p).split()) for p in problems]
+        lines = [p if len(p) <= self.MAX_LINE else p[:self.MAX_LINE - 1] + "…" for p in lines]
+        if len(lines) > self.MAX_PROBLEMS:
+            lines = lines[:self.MAX_PROBLEMS] + [f"... and {len(lines) - self.MAX_PROBLEMS} more problem(s)"]
+        self.problems = lines
+        listed = "\n".join(f"  {p}" for p in self.problems)
+        super().__init__(f"{self.path}: invalid {kind} ({len(problems)} problem(s)):\n{listed}")
 
 
 class NotReady(PreviewdError):
-    """An input names a file that is still being written; it is read again later."""
+    """An input names a file that is still being written; it is read again later.
+
+    `settled`: only time can change the outcome (a checkpoint left incomplete, refused once
+    `limits.incomplete_checkpoint_minutes` pass), so `--exit-when-idle` need not wait for it.
+    """
+
+    def __init__(self, message: str | None = None, *, settled: bool = False):
+        super().__init__(message)
+        self.settled = settled
 
 
 class ControlImageError(PreviewdError):

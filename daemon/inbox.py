@@ -2,13 +2,15 @@
 
 watchdog's dispatcher thread only records paths. A settle thread decides when a file is ready:
 its size and mtime unchanged for `settle_seconds` (ai-toolkit writes checkpoints in place,
-slowly). Then `on_ready(path)` runs on that thread; it returns False when the file is not
-usable yet (e.g. an inconsistent safetensors header), and the path is checked again later.
-Events can be lost, so there is a scan at start and a full rescan every `rescan_seconds`.
+slowly). Then `on_ready(path)` runs on that thread and says what became of it (`Outcome`): a file
+not usable yet (an inconsistent safetensors header, a control image still downloading) is checked
+again later. Events can be lost, so there is a scan at start and a full rescan every
+`rescan_seconds`. Paths are judged by lstat: a link is delivered as a link, never followed here.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import os
 import threading
@@ -24,17 +26,30 @@ from watchdog.observers.polling import PollingObserver
 log = logging.getLogger(__name__)
 
 
+class Outcome(enum.Enum):
+    """What became of a delivered file."""
+
+    DONE = "done"
+    """Handled (queued, rejected or left alone): delivered again only once it changes."""
+    RETRY = "retry"
+    """Not ready: a file it names is being written, a URL downloaded; delivered again later."""
+    STALLED = "stalled"
+    """Not ready, and only time changes that (an incomplete checkpoint waiting out its limit):
+    delivered again later, but it does not keep the watcher from being idle."""
+
+
 @dataclass
 class _Pending:
     size: int
     mtime_ns: int
     stable_since: float
+    stalled: bool = False
 
 
 def _stat(path: Path) -> tuple[int, int] | None:
     try:
-        st = path.stat()
-    except OSError:
+        st = os.lstat(path)
+    except (OSError, ValueError):
         return None
     return st.st_size, st.st_mtime_ns
 
@@ -64,7 +79,7 @@ class _Handler(FileSystemEventHandler):
 
 
 class InboxWatcher:
-    def __init__(self, roots: Iterable[Path], on_ready: Callable[[Path], bool], *,
+    def __init__(self, roots: Iterable[Path], on_ready: Callable[[Path], Outcome | bool], *,
                  ignore: Callable[[Path], bool], settle_seconds: float = 5.0,
                  rescan_seconds: float = 60.0, polling: bool = False):
         self.roots = [Path(r) for r in roots]
@@ -99,9 +114,14 @@ class InboxWatcher:
 
     @property
     def idle(self) -> bool:
-        """Nothing waiting to settle and no file being handed over."""
+        """Nothing waiting to settle but files stalled on a time limit, and no file being handed over."""
         with self._lock:
-            return not self._pending and not self._busy
+            return not self._busy and all(p.stalled for p in self._pending.values())
+
+    def stalled(self) -> list[Path]:
+        """Files that wait only for time to pass."""
+        with self._lock:
+            return sorted(path for path, p in self._pending.items() if p.stalled)
 
     def touch(self, path: Path) -> None:
         if self._ignore(path):
@@ -123,6 +143,9 @@ class InboxWatcher:
             dirnames[:] = [d for d in dirnames if not self._ignore(base / d)]
             for name in filenames:
                 self.touch(base / name)
+            for name in dirnames:  # a link to a folder is delivered as the link (os.walk does not enter it)
+                if os.path.islink(base / name):
+                    self.touch(base / name)
 
     def rescan(self) -> None:
         for root in self.roots:
@@ -163,18 +186,21 @@ class InboxWatcher:
         with self._lock:
             self._busy = True
         try:
-            done = self._on_ready(path)
+            outcome = self._on_ready(path)
         except Exception:
             # A bug in intake must not kill the watcher; the file is tried again once it changes.
-            log.exception("intake of %s failed unexpectedly", path)
-            done = True
+            log.exception("intake of %s failed unexpectedly", os.fsencode(path))
+            outcome = Outcome.DONE
         finally:
             with self._lock:
                 self._busy = False
+        if isinstance(outcome, bool):
+            outcome = Outcome.DONE if outcome else Outcome.RETRY
         with self._lock:
-            if done:
+            if outcome is Outcome.DONE:
                 self._pending.pop(path, None)
                 if stat is not None:
                     self._handled[path] = stat
             elif path in self._pending:
                 self._pending[path].stable_since = time.monotonic()
+                self._pending[path].stalled = outcome is Outcome.STALLED

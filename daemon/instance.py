@@ -99,6 +99,43 @@ output:
   # step-0 baseline sample: a "base model" row in the grid.
   baseline: false
 
+# What one file dropped into the inbox or a training folder may cost; beyond it the file is refused
+# with the reason in <file>.error.txt (README: threat model and limits).
+limits:
+  # Largest request or run config (MiB), base64 control images included.
+  document_mb: 16
+  # Values (lists, mappings, texts, numbers, keys) one document may hold, aliases expanded; and
+  # how many of them YAML aliases may add in all (an alias repeats its anchor's subtree).
+  document_nodes: 100000
+  yaml_alias_nodes: 1000
+  # Deepest nesting of lists and mappings.
+  max_depth: 32
+  # Prompts per request or run, and the longest prompt (characters).
+  prompts_per_file: 256
+  prompt_chars: 10000
+  # Largest checkpoint (GiB), by size and by the tensor bytes its header claims.
+  checkpoint_gb: 8
+  # Largest safetensors header (MiB); it may not exceed the tensor data by more than 1 MiB either.
+  header_mb: 8
+  # A checkpoint of 16 MiB or more must occupy this share of its size on disk (a sparse file claims
+  # space it does not hold); 0 accepts sparse files, e.g. on a compressing filesystem.
+  checkpoint_min_allocated: 0.5
+  # A checkpoint still shorter than its header says after this many minutes without a change is
+  # refused (a crashed save); until then it is waited for.
+  incomplete_checkpoint_minutes: 10
+  # Largest control image: file size (MiB) and pixels (millions). PNG, JPEG and WebP only.
+  image_mb: 20
+  image_megapixels: 50
+
+# Control images given as http(s) URLs. Off unless hosts are listed here; addresses that resolve to
+# loopback, link-local or private networks are refused whatever is listed, and so are redirects to
+# another host.
+urls:
+  # e.g. [images.example.com, "*.cdn.example.com"]
+  allow_hosts: []
+  # Total time one download may take (seconds); its size counts against limits.image_mb.
+  timeout_seconds: 20
+
 # Where each model's weights come from: a hub id (read from your Hugging Face cache; previewd
 # never downloads) or a local diffusers-layout folder. text_encoder: optional separate source
 # of the text encoder; quantize_text_encoder: none or qfloat8 (optimum-quanto).

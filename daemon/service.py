@@ -25,11 +25,11 @@ from types import FrameType
 
 from sqlalchemy.engine import make_url
 
-from previewd import outbox, shared_state, snapshots
+from previewd import database_identity, outbox, rejections, safe_files, shared_state, snapshots
 from previewd.config import Config
 from previewd.errors import ConfigError
 from previewd.dispatch import Dispatcher, affinity_checkpoint
-from previewd.inbox import InboxWatcher
+from previewd.inbox import InboxWatcher, Outcome
 from previewd.notify import notify
 from previewd.queue import DatabaseUnavailable
 from previewd.queue.states import JobState
@@ -69,6 +69,9 @@ class Service:
         self._probe: Path | None = None
         self._watching = False
         self._db_lost_at: float | None = None
+        self._db_identity: tuple[int, int] | None = None
+        self._fatal: str | None = None
+        """Why the daemon stopped by itself (the database file went away): it exits 1."""
 
     # -- lifecycle ----------------------------------------------------------------------------
     def run(self) -> int:
@@ -82,6 +85,8 @@ class Service:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             log.info("Finished previewd process [%d]", os.getpid())
+        if self._fatal is not None:
+            return 1
         if self.exit_when_idle and self._worker.failed:
             # A batch run (CI, a script) must notice renders that will never appear.
             log.error("%d job(s) failed for good while this daemon ran", self._worker.failed)
@@ -91,8 +96,16 @@ class Service:
     def startup(self) -> None:
         for folder in (self.config.state_dir, self.config.outbox_root, self.config.inbox):
             folder.mkdir(parents=True, exist_ok=True)
+        # Everything the daemon writes stays below these; rejections with no place beside their file
+        # are kept in state_dir.
+        safe_files.confine_outputs(self.config.output_roots)
+        rejections.configure(self.config.state_dir)
         self._check_setup()
+        database_identity.check_before_connect(self.config.db_url, self.config.state_dir)
         self._connect()
+        if self.should_exit.is_set():
+            return
+        self._db_identity = database_identity.check_after_connect(self.config.db_url, self.config.state_dir)
         self._watcher.start()
         self._watching = True
         self._ticker.start()
@@ -136,12 +149,26 @@ class Service:
             if worked:
                 continue
             if idle:
+                stalled = self._watcher.stalled()
+                if stalled:
+                    log.info("still waiting for %d incomplete checkpoint(s), refused after "
+                             "limits.incomplete_checkpoint_minutes: %s", len(stalled),
+                             ", ".join(safe_files.shown(p) for p in stalled))
                 log.info("queue empty and inbox settled: exiting (--exit-when-idle)")
                 return
             self.should_exit.wait(self.config.worker.idle_poll_seconds)
 
     def on_tick(self) -> None:
         """Once a second, whatever the worker is doing."""
+        gone = database_identity.still_there(self.config.db_url, self._db_identity)
+        if gone is not None:
+            if self._fatal is None:
+                self._fatal = gone
+                log.error("%s while previewd ran: stopping (its jobs and history are not in the file at that "
+                          "path any more; restore it, or run `previewd db upgrade -c CONFIG` to start a new "
+                          "queue)", gone)
+                self.should_exit.set()
+            return
         self._ping_watchdog()
         current = self._worker.current
         if not self._store.worker_heartbeat(self.worker_id, current.id if current else None,
@@ -179,11 +206,14 @@ class Service:
         self._renderer.close()
         outbox.flush()  # the manifest, grid and page of the last renders
         try:
-            self._store.unregister_worker(self.worker_id)
+            if self._fatal is None:  # not into a database that is not ours
+                self._store.unregister_worker(self.worker_id)
         except DatabaseUnavailable as exc:
             log.warning("%s: the other workers mark this one gone after its lease", exc)
         shared_state.remove_probe(str(self._probe) if self._probe else None)
         self._store.close()
+        safe_files.confine_outputs(None)
+        rejections.configure(None)
         self._stopped.set()
 
     # -- helpers ------------------------------------------------------------------------------
@@ -219,12 +249,12 @@ class Service:
         self._store.register_worker(self.worker_id, socket.gethostname(), os.getpid(),
                                     device=self.config.device, probe=str(self._probe))
 
-    def _intake(self, path: Path) -> bool:
+    def _intake(self, path: Path) -> Outcome:
         try:
             return self._dispatcher.handle(path)
         except DatabaseUnavailable as exc:  # not handled: the watcher delivers it again later
-            log.warning("%s: %s; reading it again later", path, exc)
-            return False
+            log.warning("%s: %s; reading it again later", safe_files.shown(path), exc)
+            return Outcome.RETRY
 
     def _tick_loop(self) -> None:
         while not self._ticks_done.wait(_TICK_SECONDS):

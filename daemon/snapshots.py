@@ -3,17 +3,23 @@
 ai-toolkit deletes old checkpoints (max_step_saves_to_keep), so a queued render must not depend
 on the training folder: each accepted file is copied into state_dir, named by its content hash.
 A copy, not a hard link: safetensors rewrites a file in place when a name is saved again (a
-resumed run), which would change a linked snapshot under its hash. LoRA files are small, and
-on copy-on-write filesystems the kernel's copy_file_range makes the copy a reflink.
+resumed run), which would change a linked snapshot under its hash. The copy goes through
+copy_file_range, a reflink on copy-on-write filesystems; the source is opened as every dropped
+file is (previewd.safe_files), and what is kept is checked again: complete as its header says,
+every tensor finite. A sparse file never gets this far (intake refuses it), so a snapshot costs
+no more than the checkpoint occupies.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
-from previewd.fileio import staged_copy
+from previewd.config import LimitsConfig
+from previewd.intake.safetensors_header import CorruptSafetensors, inspect, nonfinite_tensors
+from previewd.safe_files import Roots, SafeDir, open_regular
 
 _CHUNK = 1 << 20
 
@@ -26,20 +32,55 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def snapshot(source: Path, snapshot_dir: Path) -> tuple[Path, str]:
-    """Keep a stable copy of `source`; returns (snapshot path, sha256 of its content).
+def _copy(source: int, target: int, size: int) -> None:
+    """Copy `size` bytes between descriptors: copy_file_range (in the kernel, a reflink where the
+    filesystem can), else a plain read/write loop."""
+    done = 0
+    try:
+        while done < size:
+            copied = os.copy_file_range(source, target, size - done)
+            if copied == 0:
+                break
+            done += copied
+    except OSError:  # e.g. EXDEV on older kernels, or a filesystem without it
+        os.lseek(source, done, os.SEEK_SET)
+        os.lseek(target, done, os.SEEK_SET)
+        with os.fdopen(os.dup(source), "rb") as reader, os.fdopen(os.dup(target), "wb") as writer:
+            shutil.copyfileobj(reader, writer, _CHUNK)
+            writer.flush()
 
-    The copy is made before hashing, so the content we hash is the content we keep even if the
-    trainer deletes or rewrites the original meanwhile.
+
+def snapshot(source: Path, snapshot_dir: Path, *, roots: Roots | None = None,
+             limits: LimitsConfig = LimitsConfig()) -> tuple[Path, str]:
+    """Keep a stable copy of the checkpoint `source`; returns (snapshot path, sha256 of its content).
+
+    The copy is made before it is checked and hashed, so the content we check and hash is the
+    content we keep even if the trainer deletes or rewrites the original meanwhile. Raises
+    SafetensorsHeaderError for a copy previewd will not keep (incomplete, non-finite weights),
+    RefusedFile or OSError for a source it cannot read.
     """
-    with staged_copy(source, snapshot_dir) as tmp:
-        digest = sha256_file(tmp)
-        final = snapshot_dir / f"{digest}{source.suffix}"
-        if final.exists():
-            os.utime(final)  # newly needed again: not old enough to prune
+    expected = inspect(source, roots=roots, limits=limits)
+    if not expected.complete:
+        raise CorruptSafetensors(f"{expected.size} bytes but the header accounts for {expected.expected_size}")
+    with SafeDir.open(snapshot_dir) as folder, folder.staged(source.name) as (tmp, handle):
+        with open_regular(source, roots, max_bytes=limits.nbytes("checkpoint_gb")) as reader:
+            _copy(reader.fileno(), handle.fileno(), expected.size)
+        handle.flush()
+        kept = snapshot_dir / tmp
+        copied = inspect(kept, limits=limits)
+        if not copied.complete or copied.expected_size != expected.expected_size:
+            raise CorruptSafetensors("changed while it was copied; read again once it is written")
+        bad = nonfinite_tensors(kept, copied)
+        if bad:
+            raise CorruptSafetensors(f"{len(bad)} tensor(s) hold NaN or infinite values (e.g. {bad[0][:80]!r}); "
+                                     f"the render would be black")
+        digest = sha256_file(kept)
+        final = f"{digest}{source.suffix}"
+        if folder.stat(final) is not None:
+            os.utime(final, dir_fd=folder.fd)  # newly needed again: not old enough to prune
         else:
-            os.replace(tmp, final)
-    return final, digest
+            folder.replace(tmp, final)
+    return snapshot_dir / final, digest
 
 
 def prune(snapshot_dir: Path, keep: set[str], *, min_age_seconds: float, now: float) -> list[Path]:

@@ -12,7 +12,7 @@ from typing import Any
 
 from previewd.config import Config
 from previewd.queue import Job, JobState, JobStore
-from previewd.rejections import rejected_inputs
+from previewd.rejections import logged_rejections, rejected_inputs
 from previewd.tasks import RenderTask
 
 
@@ -82,6 +82,8 @@ def build_report(config: Config, store: JobStore, *, failed_limit: int = 20) -> 
                                                               newest_first=True)],
         "rejected_inputs": [{"path": str(path), "reason": reason}
                             for path, reason in rejected_inputs(list(config.watch_roots))],
+        # Inputs whose name could carry no error file (too long, an unwritable folder), newest first.
+        "rejected_log": logged_rejections(config.state_dir),
         "unreadable": [{"job": u.job_id, "worker": u.worker_id, "host": u.hostname, "path": u.path,
                         "at": u.at.isoformat(), "recheck_after": u.until.isoformat()} for u in unreadable],
     }
@@ -123,6 +125,8 @@ def format_text(report: dict[str, Any]) -> str:
                      f"{job['prompt_index']} after {job['attempts']} attempt(s): {job['last_error']}")
     for rejected in report["rejected_inputs"]:
         lines.append(f"rejected {rejected['reason']}")
+    for logged in report.get("rejected_log", []):
+        lines.append(f"rejected {logged['path']}: {logged['reason']} ({logged['at']}, in rejected.log)")
     for mark in report["unreadable"]:
         lines.append(f"queued  #{mark['job']}: {mark['host']} ({mark['worker']}) cannot read {mark['path']}")
     return "\n".join(lines)

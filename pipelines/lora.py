@@ -13,7 +13,6 @@ Accepted layouts (aitk-sampling.md §D, tiny-models-cpu.md §6):
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,12 +20,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from previewd.errors import LoraError
+from previewd.lora_keys import LORA_ALPHA as _ALPHA, LORA_WEIGHT as _SUFFIX, UNSUPPORTED_TAGS as _UNSUPPORTED
 
 _PREFIXES = ("diffusion_model.", "transformer.", "base_model.model.", "model.")
 _FLAT_PREFIXES = ("lora_unet_", "lora_transformer_")
-_SUFFIX = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_down|lora_up)(?:\.default)?\.weight$")
-_ALPHA = re.compile(r"^(?P<module>.+)\.alpha$")
-_UNSUPPORTED = ("lokr_", "hada_", "dora_scale", ".oft_", "lora_mid")
 
 
 @dataclass

@@ -22,18 +22,19 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo
 
 from previewd.catalog import MODELS, validate_spec
+from previewd.config import LimitsConfig
 from previewd.errors import IntakeError
 from previewd.intake.controls import ControlResolver, ResolveImage
 from previewd.intake.paths import is_url, resolve_path
 from previewd.intake.prompt_flags import (RANDOM_SEED, TORCH_SEEDS, PromptFlagError, aitk_seeds, floor_size,
                                           inject_trigger, parse_prompt_flags, torch_seed)
 from previewd.intake.quantization import QuantizationSettings, of_run
+from previewd.safe_files import parse_json, parse_yaml, read_text
 from previewd.spec import NUMBERED_CONTROL_SLOTS, AitkOptions, ControlImage, LoraSpec, RenderSpec
 from previewd.validation_errors import did_you_mean, format_validation_error
 
 KIND = "aitk-job"
-MAX_CONFIG_BYTES = 16 * 2**20
-"""A job config is a few KiB; anything this large is not one."""
+DEFAULT_LIMITS = LimitsConfig()
 
 _MISSING_IMAGE_HELP = (" — ai-toolkit opens control images from this machine's disk, so these samples cannot "
                        "be rendered; fix the paths in config.yaml (previewd reads a relative path from the run "
@@ -324,53 +325,58 @@ def _replace_name(value: Any, name: str) -> Any:
     return value
 
 
-def _load(path: Path) -> Any:
-    """The parsed file: JSON syntax first (ai-toolkit's `.job_config.json`, copied into place, may
-    be indented with tabs, which YAML refuses), else YAML."""
-    text = path.read_text(encoding="utf-8")
+def _load(path: Path, roots: tuple[Path, ...] | None, limits: LimitsConfig) -> Any:
+    """The parsed file, read within `roots` and `limits` (previewd.safe_files): JSON syntax first
+    (ai-toolkit's `.job_config.json`, copied into place, may be indented with tabs, which YAML
+    refuses), else YAML."""
+    text = read_text(path, roots, limits)
     if text.lstrip().startswith("{"):
         try:
-            return json.loads(text)
+            return parse_json(text, limits)
         except json.JSONDecodeError:
             pass  # a YAML flow mapping
-    return yaml.safe_load(text)
+    return parse_yaml(text, limits)
 
 
 def _is_job(data: Any) -> bool:
     return isinstance(data, dict) and "job" in data and isinstance(data.get("config"), dict)
 
 
-def is_job_config(path: Path) -> bool:
+def is_job_config(path: Path, *, roots: tuple[Path, ...] | None = None,
+                  limits: LimitsConfig = DEFAULT_LIMITS) -> bool:
     """Whether `path` is an ai-toolkit job config by its parsed content (`job:` and a `config:`
-    mapping), in YAML or JSON syntax. False for anything unreadable, unparsable or larger than
-    MAX_CONFIG_BYTES; never raises."""
+    mapping), in YAML or JSON syntax. False for anything unreadable, unparsable, outside `roots`
+    or beyond `limits`; never raises."""
     try:
         info = Path(path).stat()
     except (OSError, ValueError):
         return False
-    if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_CONFIG_BYTES:
+    if not stat.S_ISREG(info.st_mode) or info.st_size > limits.nbytes("document_mb"):
         return False
-    return _parses_as_job(str(path), info.st_mtime_ns, info.st_size)
+    return _parses_as_job(str(path), info.st_mtime_ns, info.st_size, roots, limits)
 
 
 @functools.lru_cache(maxsize=1024)
-def _parses_as_job(path: str, _mtime_ns: int, _size: int) -> bool:
+def _parses_as_job(path: str, _mtime_ns: int, _size: int, roots: tuple[Path, ...] | None,
+                   limits: LimitsConfig) -> bool:
     """Cached by (path, mtime, size): the watcher asks for every parent of every file it sees."""
     try:
-        return _is_job(_load(Path(path)))
+        return _is_job(_load(Path(path), roots, limits))
     except Exception:  # any parser failure (YAML, JSON, encoding, nesting depth) means "not a job config"
         return False
 
 
-def read_job(config_path: Path, *, aitk_root: Path | None = None) -> AitkJob:
+def read_job(config_path: Path, *, aitk_root: Path | None = None, roots: tuple[Path, ...] | None = None,
+             limits: LimitsConfig = DEFAULT_LIMITS) -> AitkJob:
     """Parse an ai-toolkit job config (`config.yaml`, YAML or JSON syntax); raises
-    IntakeError(config_path, "aitk-job", every problem).
+    IntakeError(config_path, "aitk-job", every problem), RefusedFile for a file that may not be read.
 
-    `aitk_root`: ai-toolkit's own folder, which it resolves relative paths against.
+    `aitk_root`: ai-toolkit's own folder, which it resolves relative paths against. `roots`: where
+    the config may lie (None: anywhere).
     """
     config_path = Path(config_path)
     try:
-        raw = _load(config_path)
+        raw = _load(config_path, roots, limits)
     except (OSError, UnicodeDecodeError) as exc:
         raise IntakeError(config_path, KIND, [f"file: cannot read: {exc}"]) from None
     except yaml.YAMLError as exc:

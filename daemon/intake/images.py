@@ -1,7 +1,10 @@
 """Control images: local path, http(s) URL or base64, snapshotted content-addressed.
 
 Queued renders must not depend on the source (a URL can change, a dataset file can be edited),
-so every image is copied into the store under its sha256 before a spec names it.
+so every image is copied into the store under its sha256 before a spec names it. Local files are
+read as every dropped file is (previewd.safe_files: regular files within the roots, size-capped),
+URLs through the policy of previewd.intake.urls, and only PNG, JPEG and WebP are decoded: Pillow
+would hand EPS and PostScript to Ghostscript.
 """
 
 from __future__ import annotations
@@ -11,8 +14,6 @@ import binascii
 import hashlib
 import io
 import re
-import urllib.error
-import urllib.request
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +23,15 @@ from PIL import Image, UnidentifiedImageError
 from previewd.errors import ControlImageError
 from previewd.fileio import atomic_write
 from previewd.intake.paths import is_url, outside_roots_message, resolve_path, within
+from previewd.intake.urls import UrlFetcher, UrlRefused
+from previewd.safe_files import RefusedFile, read_regular
 
 _DATA_URI = re.compile(r"^data:([^;,]*)(;[^,]*)?,", re.IGNORECASE)
 _BASE64 = re.compile(r"^[A-Za-z0-9+/=_\-\s]+$")
 # Shorter strings are treated as paths: no real image encodes to fewer than 64 base64 characters.
 _MIN_BASE64 = 64
-_CHUNK = 1 << 16
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
+"""What Pillow may decode of a dropped file; never EPS/PS (Ghostscript) or the rarer plugins."""
 
 
 @dataclass(frozen=True)
@@ -42,15 +46,16 @@ class StoredImage:
 
 class ControlImageStore:
     def __init__(self, store_dir: Path, *, allowed_roots: list[Path], max_bytes: int = 20 * 1024 * 1024,
-                 max_pixels: int = 50_000_000, allow_urls: bool = True, url_timeout: float = 30,
+                 max_pixels: int = 50_000_000, fetcher: UrlFetcher | None = None, wait_for_urls: bool = True,
                  trusted: bool = False):
-        """`trusted` lifts the confinement of local paths (`previewd render`: the user names them)."""
+        """`trusted` lifts the confinement of local paths (`previewd render`: the user names them).
+        `fetcher` None refuses URLs; `wait_for_urls` False raises UrlPending while one downloads."""
         self.store_dir = Path(store_dir)
         self.allowed_roots = [Path(r) for r in allowed_roots]
         self.max_bytes = max_bytes
         self.max_pixels = int(max_pixels)
-        self.allow_urls = allow_urls
-        self.url_timeout = url_timeout
+        self.fetcher = fetcher
+        self.wait_for_urls = wait_for_urls
         self.trusted = trusted
 
     def resolve(self, source: str, base_dir: Path, field: str) -> StoredImage:
@@ -87,10 +92,16 @@ class ControlImageStore:
                 raise _Rejected("data URI is not base64-encoded (expected data:image/...;base64,...)")
             return self._decode_base64(source[match.end():])
         if len(source) >= _MIN_BASE64 and _BASE64.match(source):
-            candidate = resolve_path(source, base_dir) if len(source) < 4096 else None
-            if candidate is None or not candidate.exists():
+            try:
+                exists = len(source) < 4096 and resolve_path(source, base_dir).exists()
+            except OSError:  # e.g. a name longer than the filesystem allows: base64 then
+                exists = False
+            if not exists:
                 return self._decode_base64(source)
-        return self._read_local(source, base_dir)
+        try:
+            return self._read_local(source, base_dir)
+        except OSError as exc:
+            raise _Rejected(f"unreadable: {exc.strerror or exc}") from None
 
     def _read_local(self, source: str, base_dir: Path) -> bytes:
         path = resolve_path(source, base_dir)
@@ -98,36 +109,22 @@ class ControlImageStore:
             raise _Rejected(outside_roots_message(path, self.allowed_roots))
         if not path.exists():
             raise _Rejected(f"file not found: {path}")
-        if not path.is_file():
-            raise _Rejected(f"not a file: {path}")
-        size = path.stat().st_size
-        if size > self.max_bytes:
-            raise _Rejected(f"too large: {path} has {size} bytes (limit {self.max_bytes})")
         try:
-            return path.read_bytes()
+            return read_regular(path, None if self.trusted else self.allowed_roots, max_bytes=self.max_bytes,
+                                limit="limits.image_mb")
+        except RefusedFile as exc:
+            raise _Rejected(f"{path}: {exc.reason}") from None
         except OSError as exc:
             raise _Rejected(f"unreadable: {path}: {exc.strerror or exc}") from None
 
     def _download(self, url: str) -> bytes:
-        if not self.allow_urls:
-            raise _Rejected(f"URLs are disabled in the config: {url}")
-        request = urllib.request.Request(url, headers={"User-Agent": "previewd"})
+        if self.fetcher is None:
+            raise _Rejected("could not fetch the URL: refused by policy (URLs are off: list the host in "
+                            "urls.allow_hosts to allow it)")
         try:
-            with urllib.request.urlopen(request, timeout=self.url_timeout) as response:
-                declared = response.headers.get("Content-Length")
-                if declared and declared.isdigit() and int(declared) > self.max_bytes:
-                    raise _Rejected(f"too large: {url} declares {declared} bytes (limit {self.max_bytes})")
-                buf = bytearray()
-                while chunk := response.read(_CHUNK):
-                    buf += chunk
-                    if len(buf) > self.max_bytes:
-                        raise _Rejected(f"too large: {url} sent more than {self.max_bytes} bytes")
-                return bytes(buf)
-        except urllib.error.HTTPError as exc:
-            raise _Rejected(f"URL failed: {url}: HTTP {exc.code} {exc.reason}") from None
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            reason = getattr(exc, "reason", None) or exc
-            raise _Rejected(f"URL failed: {url}: {reason}") from None
+            return self.fetcher.get(url, wait=self.wait_for_urls)
+        except UrlRefused as exc:
+            raise _Rejected(str(exc)) from None
 
     def _decode_base64(self, text: str) -> bytes:
         text = "".join(text.split())
@@ -146,20 +143,20 @@ class ControlImageStore:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             try:
-                with Image.open(io.BytesIO(data)) as im:
+                with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as im:
                     fmt, (width, height) = im.format, im.size
                     if width * height > self.max_pixels:
                         raise _Rejected(f"too large: {width}x{height} pixels (limit {self.max_pixels})")
                     im.verify()
                 # verify() leaves the image unusable and misses truncated pixel data: decode it fully.
-                with Image.open(io.BytesIO(data)) as im:
+                with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as im:
                     im.load()
             except _Rejected:
                 raise
             except (Image.DecompressionBombError, Image.DecompressionBombWarning):
                 raise _Rejected("too large: decompression bomb rejected by Pillow") from None
             except UnidentifiedImageError:
-                raise _Rejected("not an image (Pillow cannot identify the data)") from None
+                raise _Rejected("not an image (PNG, JPEG or WebP)") from None
             except (OSError, SyntaxError, ValueError) as exc:
                 raise _Rejected(f"not an image: corrupt or truncated data ({exc})") from None
         ext = {"JPEG": "jpg", "MPO": "jpg"}.get(fmt or "", (fmt or "img").lower())

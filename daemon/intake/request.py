@@ -24,6 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails
 
+from previewd.config import LimitsConfig
 from previewd.errors import IntakeError
 from previewd.intake.controls import ControlResolver, ResolveImage
 from previewd.intake.paths import is_url, outside_roots_message, resolve_path, within
@@ -31,6 +32,7 @@ from previewd.intake.prompt_flags import PromptFlagError, aitk_seeds, floor_size
 from previewd.intake.quantization import REPRODUCED, find_adapter, split_qtype
 from previewd.catalog import validate_spec
 from previewd.intake.paths import PICKLED_SUFFIXES
+from previewd.safe_files import parse_json, parse_yaml, read_text
 from previewd.validation_errors import format_validation_error
 from previewd.spec import (CONTROL_SLOTS, DEFAULT_GUIDANCE, DEFAULT_SEED, DEFAULT_STEPS, MAX_GUIDANCE,
                            MAX_MULTIPLIER, MAX_SIDE, MAX_STEPS, MIN_SIDE, MODEL_IDS, AitkOptions, LoraSpec,
@@ -181,15 +183,16 @@ def _explain(err: ErrorDetails) -> str | None:
     return None
 
 
-def _load(path: Path) -> Any:
-    text = path.read_text(encoding="utf-8")
+def _load(path: Path, roots: list[Path], limits: LimitsConfig) -> Any:
+    """The parsed file, read within `roots` and `limits` (previewd.safe_files)."""
+    text = read_text(path, roots, limits)
     if path.suffix.lower() == ".json":
-        return json.loads(text)
-    return yaml.safe_load(text)
+        return parse_json(text, limits)
+    return parse_yaml(text, limits)
 
 
 def read_request(path: Path, *, allowed_roots: list[Path], default_parity: Parity = "aitk",
-                 resolve_image: ResolveImage) -> RequestPlan:
+                 resolve_image: ResolveImage, limits: LimitsConfig = LimitsConfig()) -> RequestPlan:
     """Validate a request file into RenderSpecs; raises IntakeError(path, "request", every problem).
 
     Relative paths are read from the request's folder; every path it names must lie within
@@ -197,7 +200,7 @@ def read_request(path: Path, *, allowed_roots: list[Path], default_parity: Parit
     """
     path = Path(path)
     try:
-        data = _load(path)
+        data = _load(path, allowed_roots, limits)
     except (OSError, UnicodeDecodeError) as exc:
         raise IntakeError(path, KIND, [f"file: cannot read: {exc}"]) from None
     except (yaml.YAMLError, json.JSONDecodeError) as exc:

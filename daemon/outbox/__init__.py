@@ -2,7 +2,9 @@
 
 Every file goes to a temporary name in the same folder and is `os.replace`d into place, so a
 reader never sees half a file and a crash never leaves a corrupt manifest. Files are created as a
-plain open() creates them (0666 less the process umask).
+plain open() creates them (0666 less the process umask). Output folders lie where others can
+plant links and FIFOs: every path is written and read as files.py says (no link followed, no
+folder outside the daemon's output roots, a lock that never waits forever).
 
 The render thread writes each image itself (`write_render`); the manifest, grid and page are
 folded in by the process's `OutboxWriter` on its own thread (folder.py, writer.py), debounced,
@@ -18,10 +20,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from previewd.errors import OutboxError
-from previewd.fileio import atomic_write
 from previewd.manifest import BASE_ROW, Axes, PlannedCell, RenderEntry
-from previewd.outbox.folder import GRID, LOCK, MANIFEST, CellOp, Options, RenderOp, mark, portable, read_manifest
+from previewd.outbox import files
+from previewd.outbox.folder import GRID, LOCK, MANIFEST, CellOp, Options, RenderOp, portable, read_manifest
 from previewd.outbox.images import a1111_parameters, compare, encode_image, read_record
 from previewd.outbox.page import DATA, PAGE, THUMBS
 from previewd.outbox.writer import OutboxWriter
@@ -56,21 +57,16 @@ def axes(target: OutputTarget) -> Axes:
                 seed=target.seed)
 
 
-def _folder(target: OutputTarget) -> Path:
-    out_dir = Path(target.out_dir)
-    if out_dir.is_symlink():
-        raise OutboxError(f"{out_dir}: the output folder is a symbolic link; previewd does not write through it")
-    return out_dir
-
-
 def write_image(target: OutputTarget, image: Image.Image, entry: RenderEntry) -> RenderEntry:
-    """Write one render's image, carrying its record; returns the entry as the manifest holds it."""
-    out_dir = _folder(target)
+    """Write one render's image, carrying its record; returns the entry as the manifest holds it.
+    Raises OutboxError for a folder previewd will not write into (a link, out of the roots)."""
+    out_dir = Path(target.out_dir)
     entry = portable(entry.model_copy(update={
         "image": target.image_name, "rendered_at": datetime.now(timezone.utc).isoformat(),
         "axes": axes(target)}), out_dir)
-    mark(out_dir)
-    atomic_write(out_dir / target.image_name, encode_image(image, target.format, entry))
+    with files.folder(out_dir) as folder:
+        folder.touch(LOCK)
+        folder.write(target.image_name, encode_image(image, target.format, entry))
     return entry
 
 
@@ -95,6 +91,6 @@ def record_cell(task: RenderTask, *, job_id: int | None = None, error: str | Non
         prompt=spec.prompt, neg=spec.neg, network_multiplier=spec.lora.network_multiplier if spec.lora else None,
         axes=axes(target), seed=spec.seed, width=spec.width, height=spec.height, job_id=job_id, error=error,
         at=datetime.now(timezone.utc).isoformat())
-    out_dir = _folder(target)
-    mark(out_dir)
+    out_dir = Path(target.out_dir)
+    files.mark(out_dir)
     writer().submit(out_dir, CellOp(target, cell, failed=error is not None), options)

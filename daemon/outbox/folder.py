@@ -5,13 +5,12 @@ folder (workers sharing a run), so every fold runs under the folder's file lock 
 that manifest.json is still the file it wrote last; if another writer replaced it, the manifest is
 read again and the batch is merged into it. The first read in a process also takes in any image of
 ours that the manifest lacks (a crash between writing an image and folding it), from the record
-the image carries.
+the image carries. Files are written and read through files.py: no link followed, no FIFO waited
+on, and a folder swapped for another one is read afresh.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -19,15 +18,15 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
-
 from PIL import Image
 from pydantic import ValidationError
 
 from previewd.aitk_samples import find_samples
-from previewd.fileio import atomic_write
+from previewd.errors import OutboxError
 from previewd.manifest import MANIFEST_VERSION, Manifest, PlannedCell, RenderEntry
 from previewd.outbox import grid as grids, page as pages, table as tables
+from previewd.outbox.files import atomic_write, locked, open_image, read_bytes
+from previewd.safe_files import output_roots
 from previewd.outbox.images import compare, jpeg_bytes, read_record, thumbnail
 from previewd.tasks import OutputTarget
 
@@ -43,31 +42,15 @@ GRID_SHARE = 0.1
 the latest on a flush: a long run's sheet takes seconds to encode, and the page is what is watched."""
 
 
-@contextlib.contextmanager
-def locked(out_dir: Path) -> Iterator[None]:
-    with open(out_dir / LOCK, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def mark(out_dir: Path) -> None:
-    """Create the folder and its lock file (before its first image, so the watcher skips it)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / LOCK).touch()
-
-
 def read_manifest(out_dir: Path) -> Manifest | None:
     """The folder's manifest; a corrupt one is kept aside as manifest.json.corrupt and started afresh
     (every render is in its image's metadata, and taken in again from there)."""
     path = out_dir / MANIFEST
     try:
-        return Manifest.model_validate_json(path.read_bytes())
+        return Manifest.model_validate_json(read_bytes(path))
     except FileNotFoundError:
         return None
-    except ValidationError:
+    except (ValidationError, OutboxError):  # also a link or a FIFO planted in its place
         pass
     os.replace(path, out_dir / f"{MANIFEST}.corrupt")
     return None
@@ -144,6 +127,8 @@ class Folder:
     _job_dir: Path | None = None
     _images: dict[str, Image.Image] = field(default_factory=dict)
     """This batch's full-size renders, to compare with ai-toolkit's samples without reading them back."""
+    _identity: tuple[int, int] | None = None
+    """The folder's (device, inode) when last folded: another folder at its path is read afresh."""
     _grid_at: float = float("-inf")
     _grid_cost: float = 0.0
     grid_stale: bool = True
@@ -177,6 +162,12 @@ class Folder:
     def _sync(self) -> bool:
         """Read manifest.json again unless it is the one this process wrote last; True when that
         took in images the manifest lacked."""
+        identity = _identity(self.path)
+        if identity != self._identity:
+            if self._identity is not None:
+                log.warning("%s: the output folder was replaced; reading it afresh", self.path)
+                self._signature, self._recovered = None, False
+            self._identity = identity
         signature = _signature(self.path / MANIFEST)
         if signature is not None and signature == self._signature:
             return False
@@ -190,7 +181,9 @@ class Folder:
         self._json.clear()
         self._head = manifest.model_copy(update={"renders": [], "pending": [], "failed": []})
         if manifest.job_dir is not None and self._job_dir is None:
-            self._job_dir = (self.path / manifest.job_dir).resolve()
+            job_dir = (self.path / manifest.job_dir).resolve()
+            # The manifest is a file others can write: its run folder is believed within the roots only.
+            self._job_dir = job_dir if output_roots().within(job_dir) else None
         if self._recovered and read is not None:
             return False
         # First read in this process, or the manifest is gone or was corrupt: the images say what it lacks.
@@ -199,7 +192,7 @@ class Folder:
 
     def _recover(self) -> bool:
         with os.scandir(self.path) as entries:
-            names = [e.name for e in entries if e.is_file() and not e.name.startswith(".")
+            names = [e.name for e in entries if e.is_file(follow_symlinks=False) and not e.name.startswith(".")
                      and e.name.lower().endswith(_IMAGE_SUFFIXES) and e.name != GRID]
         found = False
         for name in names:
@@ -261,12 +254,8 @@ class Folder:
             sample = samples.get((entry.step, entry.prompt_index))
             if sample is None or entry.aitk_sample:
                 continue
-            try:
-                ours = images.get(entry.image)
-                if ours is None:
-                    with Image.open(self.path / entry.image) as stored:
-                        ours = stored.convert("RGB")
-            except OSError:
+            ours = images.get(entry.image) or open_image(self.path / entry.image)
+            if ours is None:
                 continue
             entry.aitk_sample = os.path.relpath(sample, self.path)
             entry.aitk_sample_diff, thumb = compare(ours, sample)
@@ -297,7 +286,7 @@ class Folder:
             if not self._page_written:
                 html = pages.page_html()
                 page = self.path / pages.PAGE
-                if not page.is_file() or page.read_bytes() != html:
+                if _read_or_none(page) != html:
                     atomic_write(page, html)
                 self._page_written = True
         self.grid_stale = self.options.grid
@@ -327,17 +316,31 @@ class Folder:
         candidates = [self.path / pages.thumb_name(entry.image, aitk=slot == 1)]
         candidates.append(self.path / entry.aitk_sample if slot == 1 and entry.aitk_sample else self.path / entry.image)
         for path in candidates:
-            try:
-                with Image.open(path) as image:
-                    return thumbnail(image)
-            except OSError:
-                continue
+            # ai-toolkit's sample lies beside the folder, in the run; everything else inside it.
+            image = open_image(path, inside_output=path.parent == self.path / pages.THUMBS or path.parent == self.path)
+            if image is not None:
+                return thumbnail(image)
+        return None
+
+
+def _read_or_none(path: Path) -> bytes | None:
+    try:
+        return read_bytes(path)
+    except (OSError, OutboxError):
         return None
 
 
 def _signature(path: Path) -> tuple | None:
     try:
-        st = path.stat()
+        st = os.lstat(path)
     except FileNotFoundError:
         return None
     return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino)

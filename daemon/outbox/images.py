@@ -12,6 +12,8 @@ from typing import Any
 from PIL import Image, PngImagePlugin
 
 from previewd.manifest import RenderEntry
+from previewd.outbox.files import IMAGE_FORMATS, open_file, open_image
+from previewd.safe_files import UnsafeFolder
 
 THUMB_SIDE = 256
 RECORD_KEY = "previewd"
@@ -62,12 +64,12 @@ def encode_image(image: Image.Image, fmt: str, entry: RenderEntry) -> bytes:
 def read_record(path: Path) -> RenderEntry | None:
     """The manifest entry an image of ours carries (None: not ours, or unreadable)."""
     try:
-        with Image.open(path) as image:
+        with open_file(path) as handle, Image.open(handle, formats=IMAGE_FORMATS) as image:
             # `info` holds the text chunks written before the pixels; `.text` would decode them all.
             text = image.info.get(RECORD_KEY) or image.info.get("comment")
             if isinstance(text, bytes):
                 text = text.decode()
-    except (OSError, ValueError, UnicodeDecodeError):
+    except (OSError, ValueError, UnicodeDecodeError, UnsafeFolder):
         return None
     if not text:
         return None
@@ -98,14 +100,13 @@ def jpeg_bytes(image: Image.Image) -> bytes:
 
 def compare(ours: Image.Image, theirs_path: Path) -> tuple[dict[str, Any], Image.Image | None]:
     """How far our render is from ai-toolkit's own sample for the same step and prompt, and the
-    sample's thumbnail."""
+    sample's thumbnail. The sample lies in the run, beside the output folder: it is read only as a
+    regular PNG, JPEG or WebP file within the output roots."""
     import numpy as np
 
-    try:
-        with Image.open(theirs_path) as theirs:
-            theirs_rgb = theirs.convert("RGB")
-    except OSError as exc:
-        return {"error": f"cannot read sample: {exc}"}, None
+    theirs_rgb = open_image(theirs_path, inside_output=False)
+    if theirs_rgb is None:
+        return {"error": "cannot read sample (not a regular PNG, JPEG or WebP file of bounded size)"}, None
     thumb = thumbnail(theirs_rgb)
     if theirs_rgb.size != ours.size:
         return {"error": f"size differs: ours {ours.size[0]}x{ours.size[1]}, "

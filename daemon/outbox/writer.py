@@ -15,6 +15,7 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
+from previewd.errors import OutboxError
 from previewd.outbox.folder import Folder, Op, Options
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,9 @@ class OutboxWriter:
         started = time.monotonic()
         try:
             folder.fold(ops, final=final)
+        except OutboxError as exc:  # a folder previewd will not write into (a link, a FIFO lock): said in a line
+            log.error("%s: could not update the manifest, grid and page: %s", out_dir, exc)
+            return
         except Exception:  # noqa: BLE001 - the images are written; their records restore the rest
             log.exception("%s: could not update the manifest, grid and page", out_dir)
             return  # its state is dropped: the next write reads the folder afresh

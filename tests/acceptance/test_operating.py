@@ -18,7 +18,8 @@ pytestmark = pytest.mark.slow
 
 
 def _checkpoint(path: Path) -> None:
-    save_file({"diffusion_model.transformer_blocks.0.attn.to_q.lora_A.weight": np.ones((4, 16), np.float32)},
+    save_file({"diffusion_model.transformer_blocks.0.attn.to_q.lora_A.weight": np.ones((4, 16), np.float32),
+               "diffusion_model.transformer_blocks.0.attn.to_q.lora_B.weight": np.zeros((16, 4), np.float32)},
               str(path), metadata={"format": "pt"})
 
 

@@ -6,6 +6,7 @@ from safetensors.numpy import save_file
 
 from previewd.config import load_config
 from previewd.dispatch import Dispatcher
+from previewd.inbox import Outcome
 from previewd.intake.planner import Planner
 from previewd.rejections import error_file, rejected_inputs
 from previewd.instance import EXAMPLE_RUN, render_config
@@ -28,7 +29,8 @@ def setup(tmp_path):
 def _checkpoint(path: Path, step: int | None = None, value: float = 1.0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": "pt"} | ({"training_info": f'{{"step": {step}, "epoch": 0}}'} if step else {})
-    save_file({"diffusion_model.transformer_blocks.0.attn.to_q.lora_A.weight": np.full((4, 16), value, np.float32)},
+    save_file({"diffusion_model.transformer_blocks.0.attn.to_q.lora_A.weight": np.full((4, 16), value, np.float32),
+               "diffusion_model.transformer_blocks.0.attn.to_q.lora_B.weight": np.zeros((16, 4), np.float32)},
               str(path), metadata=meta)
     return path
 
@@ -44,7 +46,7 @@ def test_checkpoint_of_a_run_queues_one_job_per_sample_prompt(setup):
     config, store, dispatcher = setup
     run = _run(config)
     ckpt = _checkpoint(run / "example_lora_000000250.safetensors")
-    assert dispatcher.handle(ckpt) is True
+    assert dispatcher.handle(ckpt) is Outcome.DONE
     jobs = store.list_jobs()
     tasks = [RenderTask.model_validate(j.payload) for j in jobs]
     assert [(t.target.step, t.target.prompt_index) for t in tasks] == [(250, 0), (250, 1)]
@@ -74,10 +76,11 @@ def test_incomplete_checkpoint_is_not_taken_yet(setup):
     ckpt = _checkpoint(run / "example_lora_000000500.safetensors")
     data = ckpt.read_bytes()
     ckpt.write_bytes(data[:-10])
-    assert dispatcher.handle(ckpt) is False
+    # Only time changes an incomplete checkpoint: delivered again, but it keeps no one waiting.
+    assert dispatcher.handle(ckpt) is Outcome.STALLED
     assert store.list_jobs() == []
     ckpt.write_bytes(data)
-    assert dispatcher.handle(ckpt) is True and len(store.list_jobs()) == 2
+    assert dispatcher.handle(ckpt) is Outcome.DONE and len(store.list_jobs()) == 2
 
 
 def test_run_files_that_are_not_checkpoints_are_left_alone(setup):
@@ -238,7 +241,10 @@ def test_a_symlinked_previews_folder_is_refused(setup, tmp_path):
     assert store.list_jobs() == []
 
 
-def test_ignore_survives_symlink_loops(setup):
-    config, _store, dispatcher = setup
-    (config.inbox / "loop").symlink_to(config.inbox / "loop")
-    assert dispatcher.ignore(config.inbox / "loop" / "x.yaml") is True
+def test_a_symlink_loop_is_delivered_and_refused_visibly(setup):
+    config, store, dispatcher = setup
+    loop = config.inbox / "loop.yaml"
+    loop.symlink_to(loop)
+    assert dispatcher.ignore(loop) is False
+    assert dispatcher.handle(loop) is Outcome.DONE
+    assert "symbolic link" in error_file(loop).read_text() and store.list_jobs() == []

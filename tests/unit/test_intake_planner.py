@@ -26,7 +26,8 @@ def config(tmp_path):
 
 def _checkpoint(path: Path, step: int = 250) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"diffusion_model.transformer_blocks.0.attn.to_q.lora_A.weight": np.ones((4, 16), np.float32)},
+    save_file({"diffusion_model.transformer_blocks.0.attn.to_q.lora_A.weight": np.ones((4, 16), np.float32),
+               "diffusion_model.transformer_blocks.0.attn.to_q.lora_B.weight": np.zeros((16, 4), np.float32)},
               str(path), metadata={"format": "pt", "training_info": f'{{"step": {step}}}'})
     return path
 

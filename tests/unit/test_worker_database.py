@@ -14,6 +14,7 @@ from PIL import Image
 
 from previewd.config import load_config
 from previewd.errors import JobStateError
+from previewd.inbox import Outcome
 from previewd.instance import render_config
 from previewd.queue import DatabaseUnavailable, JobState, JobStore
 from previewd.service import Service
@@ -185,7 +186,7 @@ def test_intake_waits_for_the_database_instead_of_dropping_the_file(unreachable,
     request = service.config.inbox / "r.yaml"
     request.write_text("model: flux2\nprompts:\n  - prompt: a\n    width: 64\n    height: 64\n")
     with caplog.at_level(logging.WARNING, logger="previewd.service"):
-        assert service._intake(request) is False  # "not handled": the watcher delivers it again
+        assert service._intake(request) is Outcome.RETRY  # "not handled": the watcher delivers it again
     assert "database unreachable" in caplog.text and not any(r.exc_info for r in caplog.records)
 
 
