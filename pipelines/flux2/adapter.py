@@ -25,6 +25,7 @@ from previewd.config import MemoryConfig
 from previewd.errors import ConfigError, ControlImageError, NonFiniteOutput
 from previewd.pipelines import device as devices
 from previewd.pipelines.base import StepCallback, StopCheck, Stopwatch, check_spec
+from previewd.pipelines.base_weights import BaseWeights
 from previewd.pipelines.flux2 import lora as flux2_lora
 from previewd.pipelines.flux2 import numerics, sampler
 from previewd.pipelines.flux2 import text as flux2_text
@@ -141,7 +142,7 @@ class Flux2Preview:
             placer.quantize_to_fit("transformer", transformer)
             self._load_text_encoder(root, placer)
             placer.install_modules(text_encoder=self.text_encoder, transformer=transformer, vae=self.vae)
-        self.merger = flux2_lora.LoraMerger(transformer)
+        self.merger = flux2_lora.LoraMerger(transformer, BaseWeights.find(root / "transformer"))
         self.runtime_lora = RuntimeLora(transformer, partial(_branch_pairs, transformer))
         self.transformer, self._placer = transformer, placer
 

@@ -2,8 +2,8 @@
 
 The merge is ai-toolkit's `merge_in`: W = (W.float() + m * (B.float() @ A.float()) * scale).to(dtype),
 with the delta computed on the BFL module's shape (fused qkv) and then cut into diffusers' modules.
-Only the touched base weights are snapshotted, so switching checkpoints or multipliers restores
-them bit for bit without reloading the model.
+Switching checkpoints or multipliers reads only the touched base weights back from the model files, so
+they come back bit for bit without reloading the model or keeping a copy of them in host memory.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 
 from previewd.errors import LoraError
+from previewd.pipelines.base_weights import BaseWeights
 
 _PREFIXES = ("diffusion_model.", "transformer.")
 _LORA_SUFFIXES = {
@@ -176,20 +177,29 @@ def branch_pairs(modules: dict[str, LoraModule], transformer) -> dict[str, tuple
 
 
 class LoraMerger:
-    """Merges one LoRA at a time into a transformer, restoring the base weights in between."""
+    """Merges one LoRA at a time into a transformer, restoring the base weights in between, bit for bit:
+    read back from the model's safetensors files (only the touched tensors, as the Qwen path does), or,
+    for a transformer with no files (built in memory), from copies of the touched weights on the CPU."""
 
-    def __init__(self, transformer):
+    def __init__(self, transformer, base_weights: BaseWeights | None = None):
         self.transformer = transformer
-        self._base: dict[str, torch.Tensor] = {}
-        """Pristine copies (on CPU) of every weight any LoRA has touched."""
+        self._files = base_weights
+        self._copies: dict[str, torch.Tensor] = {}
+        """Without files only: pristine copies (on CPU) of every weight any LoRA has touched."""
+        self._touched: set[str] = set()
+        """Weights the merged LoRA changed since the last restore."""
         self.active: tuple | None = None
 
     @torch.no_grad()
     def restore(self) -> None:
         """Put the base weights back, bit-identical, and forget the active LoRA."""
-        weights = dict(self.transformer.named_parameters())
-        for name, base in self._base.items():
-            weights[name].copy_(base)
+        if self._files is not None:
+            self._files.restore(self.transformer, sorted(name.removesuffix(".weight") for name in self._touched))
+        else:
+            weights = dict(self.transformer.named_parameters())
+            for name in self._touched:
+                weights[name].copy_(self._copies[name])
+        self._touched.clear()
         self.active = None
 
     @torch.no_grad()
@@ -207,13 +217,10 @@ class LoraMerger:
             row = 0
             for name in target.params:
                 weight = weights[name]
-                if name not in self._base:
-                    self._base[name] = weight.detach().to("cpu", copy=True)
+                if self._files is None and name not in self._copies:
+                    self._copies[name] = weight.detach().to("cpu", copy=True)
+                self._touched.add(name)
                 rows = weight.shape[0]
                 weight.copy_((weight.float() + delta[row:row + rows]).to(weight.dtype))
                 row += rows
         self.active = identity
-
-    @property
-    def snapshot_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._base.values())

@@ -1,10 +1,12 @@
 """The one LoRA a loaded Qwen pipeline carries, and how it changes between renders.
 
 The transformer carries no LoRA, or exactly one peft adapter named `ADAPTER`, either fused into the
-weights (`fused_at` is its scale) or applied at run time. A new checkpoint is hot-swapped into the
-adapter when its keys and shapes match the current one, else unloaded and loaded; the base model is
-never reloaded. Unfusing reads the touched weights back from the model files (base_weights), so no
-bfloat16 rounding residue accumulates over checkpoint switches.
+weights (`fused_at` is its scale) or applied at run time. Each adapter is loaded prepared for
+hot-swapping (`enable_lora_hotswap`, its rank as the target), so a later checkpoint over the same
+layers and of no higher rank is swapped into it in place (no new modules, nothing to recompile);
+anything else is unloaded and loaded. The base model is never reloaded. Unfusing does not subtract
+the merge: it reads the touched weights back from the model files (base_weights), so no bfloat16
+rounding residue accumulates over checkpoint switches, and tells peft the adapter is unmerged.
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ class _LoadedLora:
     key: tuple
     path: str
     sha256: str | None
-    signature: tuple
     modules: tuple[str, ...]
+    rank: int
+    """The rank the adapter is padded to: the most a checkpoint may have to be swapped into it."""
     weights_info: dict[str, Any]
     fused_at: float | None = None
     scale: float | None = None
@@ -64,17 +67,20 @@ class QwenLoraState:
                 "mode": mode, **self._lora.weights_info}
 
     def _unfuse(self, lora: _LoadedLora) -> None:
-        """Unfuse, then read the touched weights back from the model files so no rounding residue
-        of the merge survives (it accumulates over checkpoint switches in bf16)."""
-        self.pipe.unfuse_lora()
-        lora.fused_at = None
+        """Read the touched weights back from the model files, so no rounding residue of the merge
+        survives (it accumulates over checkpoint switches in bf16); subtracting the merge first would
+        be overwritten anyway. Without files, peft's unfuse (a subtraction) is all there is."""
         if self._base_weights is False:
             self._base_weights = BaseWeights.find(resolve_source(self.source_path) / "transformer")
             if self._base_weights is None:
                 logger.warning("%s: no safetensors transformer files to restore from; unfusing leaves a "
                                "rounding residue", self.source_path)
-        if self._base_weights is not None:
+        if self._base_weights is None:
+            self.pipe.unfuse_lora()
+        else:
             self._base_weights.restore(self.pipe.transformer, lora.modules)
+            _forget_merge(self.pipe, ADAPTER)
+        lora.fused_at = None
 
     def _drop(self) -> None:
         if self._lora is None:
@@ -93,7 +99,8 @@ class QwenLoraState:
         if previous is not None and previous.fused_at is not None:
             self._unfuse(previous)
         method = "load"
-        if previous is not None and previous.signature == weights.signature():
+        rank = max(weights.ranks.values())
+        if previous is not None and previous.modules == tuple(weights.modules) and rank <= previous.rank:
             try:
                 self.pipe.load_lora_weights(dict(weights.state_dict), adapter_name=ADAPTER, hotswap=True)
                 method = "hotswap"
@@ -103,6 +110,8 @@ class QwenLoraState:
             self._lora = None
             if previous is not None:
                 self.pipe.delete_adapters(ADAPTER)
+            # Before the adapter exists, so that it is built for hot-swapping (diffusers' requirement).
+            self.pipe.enable_lora_hotswap(target_rank=rank)
             try:
                 self.pipe.load_lora_weights(dict(weights.state_dict), adapter_name=ADAPTER)
             except (RuntimeError, ValueError, KeyError) as exc:
@@ -112,8 +121,8 @@ class QwenLoraState:
             self._lora = None
             raise PipelineError(f"{spec.path}: the LoRA did not attach to the transformer")
         self._lora = _LoadedLora(
-            key=key, path=spec.path, sha256=spec.sha256, signature=weights.signature(),
-            modules=tuple(weights.modules),
+            key=key, path=spec.path, sha256=spec.sha256, modules=tuple(weights.modules),
+            rank=rank if method == "load" else previous.rank,
             weights_info={"modules": len(weights.modules), "unmatched": list(weights.unmatched),
                           "ranks": sorted(set(weights.ranks.values())), "format": weights.source_format,
                           "alpha_folded": weights.alpha_folded, "swap": method})
@@ -136,3 +145,14 @@ class QwenLoraState:
         self.pipe.fuse_lora(lora_scale=scale, adapter_names=[ADAPTER])
         lora.fused_at = scale
         lora.scale = scale
+
+
+def _forget_merge(pipe, adapter: str) -> None:
+    """Tell peft and diffusers that `adapter` is no longer merged, as `unfuse_lora` would after
+    subtracting it: the base weights were put back another way."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in pipe.transformer.modules():
+        if isinstance(module, BaseTunerLayer) and adapter in module.merged_adapters:
+            module.merged_adapters.remove(adapter)
+    pipe._merged_adapters = pipe._merged_adapters - {adapter}

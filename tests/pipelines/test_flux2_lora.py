@@ -61,9 +61,18 @@ def test_switching_back_and_forth_restores_base_bit_identically(tiny_pipe, flux2
     assert touched
     tiny_pipe.set_lora(spec())
     assert all(torch.equal(p, base[n]) for n, p in tiny_pipe.transformer.named_parameters())
-    # Only the touched weights are kept, on the CPU.
-    kept = set(tiny_pipe.merger._base)
-    assert touched <= kept and len(kept) < len(base)
+    # Restored from the model files: no copy of the touched weights is kept in host memory.
+    assert tiny_pipe.merger._copies == {}
+
+
+def test_without_model_files_the_touched_weights_are_copied_and_restored(tiny_transformer, flux2_loras):
+    base = weights(tiny_transformer)
+    merger = flux2_lora.LoraMerger(tiny_transformer)
+    merger.apply(flux2_lora.read_lora(str(flux2_loras / "lora_a.safetensors")), 1.0, ("a", 1.0))
+    touched = {n for n, p in tiny_transformer.named_parameters() if not torch.equal(p, base[n])}
+    merger.restore()
+    assert all(torch.equal(p, base[n]) for n, p in tiny_transformer.named_parameters())
+    assert set(merger._copies) == touched and len(touched) < len(base)
 
 
 def test_unmatched_keys_and_other_lora_types_are_refused(tiny_transformer, tmp_path):

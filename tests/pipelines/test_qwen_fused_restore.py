@@ -85,3 +85,40 @@ def test_aitk_unmerged_runs_use_a_runtime_branch_and_modes_switch_cleanly(tiny):
     fresh = QwenImagePreview("qwen_image_2512", ModelSource(path=str(folder)), device="cpu", dtype="bfloat16")
     fresh.load()
     assert _max_drift(_base(fresh), _base(pipeline)) == 0.0
+
+
+def test_unfusing_restores_from_the_files_without_subtracting_and_peft_knows(tiny, monkeypatch):
+    """The restore overwrites the merged weights, so nothing is subtracted first; peft and diffusers
+    still learn that nothing is merged, so the next fuse starts from the base as a fresh one does."""
+    folder, loras = tiny
+    pipeline = QwenImagePreview("qwen_image_2512", ModelSource(path=str(folder)), device="cpu", dtype="bfloat16")
+    pipeline.load()
+    before = _base(pipeline)
+    pipeline.lora.apply(loras[0], "fuse")
+    monkeypatch.setattr(pipeline.pipe, "unfuse_lora", lambda *a, **k: pytest.fail("unfuse_lora was called"))
+    pipeline.lora.apply(loras[0], "adapter")
+    assert _max_drift(before, _base(pipeline)) == 0.0
+    assert pipeline.pipe.num_fused_loras == 0
+    assert not any(getattr(m, "merged", False) for m in pipeline.pipe.transformer.modules())
+    spec = RenderSpec(model="qwen_image_2512", parity="reference", prompt="a fox", width=64, height=64,
+                      sample_steps=2, lora=loras[1])  # reference 2512 fuses
+    fresh = QwenImagePreview("qwen_image_2512", ModelSource(path=str(folder)), device="cpu", dtype="bfloat16")
+    assert np.array_equal(np.asarray(pipeline.render(spec).image), np.asarray(fresh.render(spec).image))
+
+
+def test_a_checkpoint_of_lower_rank_swaps_into_the_prepared_adapter(tiny, tmp_path):
+    """enable_lora_hotswap pads to the first checkpoint's rank: a lower-rank one swaps in place and renders
+    as a fresh load of it does."""
+    from previewd.pipelines.tiny.qwen import write_random_lora
+
+    folder, loras = tiny
+    pipeline = QwenImagePreview("qwen_image_2512", ModelSource(path=str(folder)), device="cpu", dtype="float32")
+    pipeline.load()
+    pipeline.lora.apply(loras[0], "adapter")
+    low = LoraSpec(path=str(write_random_lora(folder, tmp_path / "low.safetensors", seed=3, rank=2)), sha256="low")
+    record = pipeline.lora.apply(low, "adapter")
+    assert record["swap"] == "hotswap" and record["ranks"] == [2]
+    spec = RenderSpec(model="qwen_image_2512", parity="reference", prompt="a fox", width=64, height=64,
+                      sample_steps=2, lora=low)
+    fresh = QwenImagePreview("qwen_image_2512", ModelSource(path=str(folder)), device="cpu", dtype="float32")
+    assert np.array_equal(np.asarray(pipeline.render(spec).image), np.asarray(fresh.render(spec).image))
