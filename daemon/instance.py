@@ -138,7 +138,8 @@ urls:
 
 # Where each model's weights come from: a hub id (read from your Hugging Face cache; previewd
 # never downloads) or a local diffusers-layout folder. text_encoder: optional separate source
-# of the text encoder; quantize_text_encoder: none or qfloat8 (optimum-quanto).
+# of the text encoder; quantize_text_encoder: none or qfloat8 (optimum-quanto), for renders that do not
+# say (the reference profile, requests without aitk.quantize_te); a run quantises as it trained.
 models:
 {models}"""
 
