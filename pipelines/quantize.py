@@ -88,6 +88,24 @@ def _linears(model: nn.Module, only: Collection[str] | None) -> dict[str, nn.Lin
     return found
 
 
+def _keep_quanto_0_2_4_kernels() -> None:
+    """quanto >= 0.2.5 turns bf16/fp16 qfloat8 weights on a CUDA device into Marlin FP8 tensors, whose
+    kernel rounds differently (and is compiled on first use); ai-toolkit pins 0.2.4, whose weights
+    dequantise and matmul (`qbytes_mm`, the same on CPU and CUDA). quanto consults the CUDA extension
+    only to choose Marlin there, so its weights keep 0.2.4's path when it looks unavailable."""
+    from optimum.quanto.tensor.weights import qbytes
+
+    available = qbytes.is_extension_available
+    if getattr(available, "previewd", False):
+        return
+
+    def without_marlin(name: str) -> bool:
+        return name != "quanto_cuda" and available(name)
+
+    without_marlin.previewd = True
+    qbytes.is_extension_available = without_marlin
+
+
 def quantize_linears(model: nn.Module, qtype: str, only: Collection[str] | None = None) -> list[str]:
     """Quantise the Linear layers of `model` (all, or those named in `only`) to `qtype` in place, as
     ai-toolkit does; the names of the layers that ended up quantised, sorted."""
@@ -95,6 +113,7 @@ def quantize_linears(model: nn.Module, qtype: str, only: Collection[str] | None 
     if qtype == "qfloat8":
         from optimum.quanto import freeze, qfloat8, quantize
 
+        _keep_quanto_0_2_4_kernels()
         # An empty include list would quantise everything: quanto reads it as "no filter".
         if layers:
             quantize(model, weights=qfloat8, include=None if only is None else sorted(layers))

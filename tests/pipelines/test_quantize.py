@@ -61,6 +61,10 @@ def test_qfloat8_is_optimum_quanto_on_every_linear():
     # One absmax/448 scale per output row, in the weight dtype (aitk-quantized.md §2.5).
     weight = layer(48, 16).weight.detach()
     assert torch.allclose(model[0].qweight._scale.flatten(), weight.abs().amax(dim=1) / 448)
+    # Never quanto 0.2.5+'s Marlin FP8 kernel on a GPU: ai-toolkit's 0.2.4 dequantises and multiplies.
+    from optimum.quanto.tensor.weights import qbytes
+
+    assert qbytes.is_extension_available("quanto_cuda") is False
 
 
 def test_the_adapter_covers_the_layers_it_names_and_quantises_only_those(tmp_path):
