@@ -30,9 +30,12 @@ _CLOCK = ".clock"
 
 
 def job_files(task: RenderTask) -> list[str]:
-    """The files a job reads besides the model: its LoRA and control images."""
+    """The files a job reads besides the model: its LoRA, control images and a local accuracy
+    recovery adapter (a hub path one is looked up in each host's own cache)."""
     files = [task.spec.lora.path] if task.spec.lora else []
-    return files + [image.path for image in task.spec.control_images]
+    ara = task.spec.aitk.ara
+    adapter = [ara] if ara is not None and os.path.isabs(ara) else []
+    return files + [image.path for image in task.spec.control_images] + adapter
 
 
 def first_unreadable(paths: Iterable[str]) -> str | None:

@@ -51,3 +51,15 @@ def test_a_jobs_files_and_the_first_one_this_host_cannot_read(tmp_path):
 def test_the_filesystem_clock_is_the_folders(tmp_path):
     assert abs(shared_state.filesystem_now(tmp_path / "snapshots") - time.time()) < 5
     assert [p.name for p in (tmp_path / "snapshots").iterdir()] == [".clock"]  # a dot file: never pruned
+
+
+def test_a_local_accuracy_recovery_adapter_is_one_of_a_jobs_files(tmp_path):
+    from previewd.spec import AitkOptions
+
+    def files(ara):
+        spec = RenderSpec(model="qwen_image_2512", prompt="p", aitk=AitkOptions(quantize=True, qtype="uint3", ara=ara))
+        return shared_state.job_files(RenderTask(spec=spec, target=OutputTarget(
+            out_dir="o", image_name="i.png", title="t", source="s", prompt_index=0)))
+
+    assert files(str(tmp_path / "ara.safetensors")) == [str(tmp_path / "ara.safetensors")]
+    assert files("ostris/accuracy_recovery_adapters/qwen_image_torchao_uint3.safetensors") == []  # each host's cache
