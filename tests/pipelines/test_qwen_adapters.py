@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from previewd.errors import LoraError, NonFiniteOutput, PipelineError, RenderInterrupted
+from previewd.errors import LoraError, PipelineError, RenderInterrupted
 from previewd.pipelines import create
 from previewd.pipelines.qwen import encode as qwen_encode
 from previewd.spec import AitkOptions, ControlImage, LoraSpec, ModelSource, RenderSpec
@@ -358,7 +358,7 @@ def test_progress_and_stop(adapters, workdir):
 
 
 @pytest.mark.parametrize("parity", PROFILES)
-def test_one_step_schedule_is_non_finite(adapters, workdir, parity):
+def test_one_step_schedule_is_refused_before_it_renders_black(adapters, workdir, parity):
     adapter = adapters("qwen_image_2512")
-    with pytest.raises(NonFiniteOutput):
+    with pytest.raises(PipelineError, match="1-step schedule ends on a NaN sigma"):
         adapter.render(_spec("qwen_image_2512", workdir, parity, sample_steps=1))

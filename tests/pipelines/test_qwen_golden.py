@@ -2,7 +2,7 @@
 
 Every Qwen case in ../shared/goldens must match output.png within 1/255 per channel on every
 pixel (CPU, float32, 2 threads). Switch sequences (sNN_) render `switch.first` then `switch.then`
-on one cached adapter. The 1-step case must raise NonFiniteOutput instead of a black image.
+on one cached adapter. The 1-step case is refused before rendering: it would be a black image (a NaN sigma).
 One adapter per model serves every case, as the daemon keeps its pipeline hot.
 """
 
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from previewd.errors import NonFiniteOutput
+from previewd.errors import PipelineError
 from previewd.pipelines import create
 from previewd.pipelines.quantization import Quantization
 from previewd.pipelines.qwen.adapter import AITK_SCHEDULER
@@ -54,7 +54,7 @@ def test_golden_case(adapters, profile, model_id, case_id):
     adapter = adapters(model_id, case_dtype(profile, model_id, case_id),
                        Quantization.of(specs[-1], golden_model(model_id)))
     if "nan_edge" in case_id:
-        with pytest.raises(NonFiniteOutput):
+        with pytest.raises(PipelineError, match="1-step schedule ends on a NaN sigma"):
             adapter.render(specs[-1])
         return
     for spec in specs:
