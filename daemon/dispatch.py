@@ -14,14 +14,14 @@ from pathlib import Path
 
 from previewd import outbox, rejections, snapshots
 from previewd.config import Config
-from previewd.errors import IntakeError, OutboxError
+from previewd.errors import IntakeError, shown
 from previewd.fileio import write_missing
 from previewd.inbox import Outcome
 from previewd.intake.planner import JOB_CONFIG, Plan, Planner
 from previewd.intake.safetensors_header import SafetensorsHeaderError
 from previewd.queue.states import JobState
 from previewd.queue.store import JobStore
-from previewd.safe_files import RefusedFile, Roots, shown
+from previewd.safe_files import RefusedFile, Roots
 from previewd.spec import LoraSpec, RenderSpec
 from previewd.tasks import RenderTask
 
@@ -138,15 +138,12 @@ class Dispatcher:
                 max_attempts=self._config.worker.max_attempts)
             queued += created
             # The page shows the cells to come: queued ones, and failed ones with their reason.
-            try:
-                if job.state in (JobState.QUEUED, JobState.RUNNING):
-                    outbox.record_cell(task, job_id=job.id, options=options)
-                elif job.state == JobState.FAILED:
-                    outbox.record_cell(task, job_id=job.id, error=job.last_error or "failed", options=options)
-            except OutboxError as exc:  # the render fails on it too, and says so beside the folder
-                self._once(source, f"cannot prepare the output folder: {exc}")
+            if job.state in (JobState.QUEUED, JobState.RUNNING):
+                outbox.record_cell(task, job_id=job.id, options=options)
+            elif job.state == JobState.FAILED:
+                outbox.record_cell(task, job_id=job.id, error=job.last_error or "failed", options=options)
         # Start-up scans and rescans deliver every known file again: only news is worth a line.
-        (log.info if queued else log.debug)("%s: %d job(s) queued, %d already known", source, queued,
+        (log.info if queued else log.debug)("%s: %d job(s) queued, %d already known", shown(source), queued,
                                             len(tasks) - queued)
 
     def _once(self, path: Path, message: str) -> None:

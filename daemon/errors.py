@@ -5,6 +5,16 @@ Only `previewd.cli` turns these into exit codes; everything else raises.
 
 from __future__ import annotations
 
+import os
+
+
+def shown(path: str | os.PathLike[str]) -> str:
+    """`path` as one line of text that can always be written and logged: bytes that are not UTF-8
+    (kept by Python as surrogate escapes) appear as \\xNN, control characters (a newline in a
+    file name would forge a log line) as escapes too."""
+    text = os.fsencode(path).decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
 
 class PreviewdError(Exception):
     """previewd failed."""
@@ -42,7 +52,7 @@ class IntakeError(PreviewdError):
             lines = lines[:self.MAX_PROBLEMS] + [f"... and {len(lines) - self.MAX_PROBLEMS} more problem(s)"]
         self.problems = lines
         listed = "\n".join(f"  {p}" for p in self.problems)
-        super().__init__(f"{self.path}: invalid {kind} ({len(problems)} problem(s)):\n{listed}")
+        super().__init__(f"{shown(self.path)}: invalid {kind} ({len(problems)} problem(s)):\n{listed}")
 
 
 class NotReady(PreviewdError):

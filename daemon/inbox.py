@@ -72,7 +72,8 @@ class _Handler(FileSystemEventHandler):
                 continue
             path = Path(os.fsdecode(raw))
             if event.is_directory:
-                if event.event_type in ("created", "moved"):
+                # A folder moved away is scanned where it went: its old name may be a link by now.
+                if event.event_type == "created" or (event.event_type == "moved" and raw == event.dest_path):
                     self._watcher.scan_dir(path)
             else:
                 self._watcher.touch(path)
@@ -137,8 +138,13 @@ class InboxWatcher:
                 self._pending[path] = _Pending(*stat, stable_since=time.monotonic())
         self._wake.set()
 
-    def scan_dir(self, directory: Path) -> None:
-        for dirpath, dirnames, filenames in os.walk(directory):  # os.walk does not follow dir links
+    def scan_dir(self, directory: Path, *, root: bool = False) -> None:
+        """Deliver every file below `directory`. A link is delivered as the link, never walked,
+        unless it is a root (the configured folder may be a link)."""
+        if not root and os.path.islink(directory):  # os.walk would list where it leads
+            self.touch(directory)
+            return
+        for dirpath, dirnames, filenames in os.walk(directory):  # nor does os.walk follow links below
             base = Path(dirpath)
             dirnames[:] = [d for d in dirnames if not self._ignore(base / d)]
             for name in filenames:
@@ -149,7 +155,7 @@ class InboxWatcher:
 
     def rescan(self) -> None:
         for root in self.roots:
-            self.scan_dir(root)
+            self.scan_dir(root, root=True)
 
     def _run(self) -> None:
         next_rescan = time.monotonic() + self._rescan

@@ -16,8 +16,8 @@ import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
-from previewd.errors import PreviewdError
-from previewd.safe_files import (RefusedFile, SafeDir, UnsafeFolder, output_roots, read_regular, shown)
+from previewd.errors import PreviewdError, shown
+from previewd.safe_files import RefusedFile, SafeDir, UnsafeFolder, output_roots, read_regular
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +46,14 @@ def error_file(path: Path) -> Path:
 
 def reject(path: Path, exc: PreviewdError) -> None:
     """Log `exc` and write it beside `path`."""
-    log.error("%s", shown(str(exc)))
+    log.error("%s", exc)
     record(path, str(exc))
 
 
 def record(path: Path, reason: str) -> None:
     """Write `reason` beside `path` (unless its error file already says exactly this); where that
     is impossible, append it to rejected.log."""
-    reason = shown(reason)
+    reason = "\n".join(shown(line) for line in reason.split("\n"))
     text = f"{_HEADER}\n\n{reason}\n\nFix the file (or replace it) and previewd reads it again.\n"
     name = path.name + ERROR_SUFFIX
     try:

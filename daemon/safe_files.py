@@ -13,7 +13,8 @@ into an output folder through `SafeDir`:
   alias expansion; errors in one short line.
 - `SafeDir`: a folder created and opened without following links, whose files are written
   atomically and read relative to its descriptor (never through a link, never a FIFO); a folder
-  swapped for another one or for a link is noticed (`check`).
+  swapped for a link is refused when it is opened again, and writes through a descriptor
+  already open go into the folder that was opened, never where the link leads.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from typing import IO, Any
 import yaml
 
 from previewd.config import LimitsConfig
-from previewd.errors import OutboxError, PreviewdError
+from previewd.errors import OutboxError, PreviewdError, shown
 
 _READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -48,12 +49,6 @@ class RefusedFile(PreviewdError):
         self.path = Path(path)
         self.reason = reason
         super().__init__(reason)
-
-
-def shown(path: str | os.PathLike[str]) -> str:
-    """`path` as text that can always be written and logged: bytes that are not UTF-8 (kept by
-    Python as surrogate escapes) appear as \\xNN."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def kind(mode: int) -> str:
@@ -153,7 +148,7 @@ def read_text(path: str | os.PathLike[str], roots: Roots | Sequence[str | os.Pat
 # -- documents ---------------------------------------------------------------------------------
 
 class DocumentLimit(yaml.YAMLError):
-    """A document beyond the limits (too deep, aliases expanding too far, recursive)."""
+    """A document beyond the limits (too many values, too deep, aliases expanding too far, recursive)."""
 
 
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -282,8 +277,6 @@ class SafeDir:
     def __init__(self, fd: int, path: Path):
         self.fd = fd
         self.path = path
-        st = os.fstat(fd)
-        self.identity = (st.st_dev, st.st_ino)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], roots: Roots | Sequence[str | os.PathLike[str]] | None = None, *,
@@ -327,32 +320,12 @@ class SafeDir:
     def __exit__(self, *_exc: object) -> None:
         self.close()
 
-    def check(self) -> None:
-        """Raise UnsafeFolder unless the path still names this very folder (not a link, not another)."""
-        try:
-            st = os.lstat(self.path)
-        except FileNotFoundError:
-            raise UnsafeFolder(f"{shown(self.path)}: the output folder was removed") from None
-        if stat.S_ISLNK(st.st_mode) or (st.st_dev, st.st_ino) != self.identity:
-            raise UnsafeFolder(f"{shown(self.path)}: the output folder was replaced"
-                               + (" by a symbolic link" if stat.S_ISLNK(st.st_mode) else "") + "; not followed")
-
-    def sub(self, name: str, *, create: bool = True) -> SafeDir:
-        """A folder inside this one (created if missing), entered without following links."""
-        fd = _enter(os.dup(self.fd), _valid_name(name), create=create, shown_path=self.path / name)
-        return SafeDir(fd, self.path / name)
-
     def stat(self, name: str) -> os.stat_result | None:
         """lstat of an entry; None when there is none."""
         try:
             return os.stat(_valid_name(name), dir_fd=self.fd, follow_symlinks=False)
         except FileNotFoundError:
             return None
-
-    def names(self) -> list[str]:
-        """The regular files in the folder."""
-        with os.scandir(self.fd) as entries:
-            return sorted(e.name for e in entries if e.is_file(follow_symlinks=False))
 
     def read(self, name: str, max_bytes: int) -> bytes:
         """A regular file of the folder (never through a link, never a FIFO), at most `max_bytes`."""

@@ -27,7 +27,7 @@ from sqlalchemy.engine import make_url
 
 from previewd import database_identity, outbox, rejections, safe_files, shared_state, snapshots
 from previewd.config import Config
-from previewd.errors import ConfigError
+from previewd.errors import ConfigError, shown
 from previewd.dispatch import Dispatcher, affinity_checkpoint
 from previewd.inbox import InboxWatcher, Outcome
 from previewd.notify import notify
@@ -70,6 +70,7 @@ class Service:
         self._watching = False
         self._db_lost_at: float | None = None
         self._db_identity: tuple[int, int] | None = None
+        self._connected = False
         self._fatal: str | None = None
         """Why the daemon stopped by itself (the database file went away): it exits 1."""
 
@@ -106,6 +107,7 @@ class Service:
         if self.should_exit.is_set():
             return
         self._db_identity = database_identity.check_after_connect(self.config.db_url, self.config.state_dir)
+        self._connected = True
         self._watcher.start()
         self._watching = True
         self._ticker.start()
@@ -141,6 +143,8 @@ class Service:
                 self.should_exit.wait(delay)
                 continue
             except Exception:  # a bug or similar: back off and keep the daemon up
+                if self._fatal is not None:  # the database went away: stopping, and said so
+                    break
                 failures += 1
                 delay = self._loop_backoff.delay(failures)
                 log.exception("main loop error; retrying in %.0fs", delay)
@@ -153,7 +157,7 @@ class Service:
                 if stalled:
                     log.info("still waiting for %d incomplete checkpoint(s), refused after "
                              "limits.incomplete_checkpoint_minutes: %s", len(stalled),
-                             ", ".join(safe_files.shown(p) for p in stalled))
+                             ", ".join(shown(p) for p in stalled))
                 log.info("queue empty and inbox settled: exiting (--exit-when-idle)")
                 return
             self.should_exit.wait(self.config.worker.idle_poll_seconds)
@@ -206,7 +210,8 @@ class Service:
         self._renderer.close()
         outbox.flush()  # the manifest, grid and page of the last renders
         try:
-            if self._fatal is None:  # not into a database that is not ours
+            # Not into a database that is not ours, nor one start-up refused (a connection would create it).
+            if self._fatal is None and self._connected:
                 self._store.unregister_worker(self.worker_id)
         except DatabaseUnavailable as exc:
             log.warning("%s: the other workers mark this one gone after its lease", exc)
@@ -250,10 +255,12 @@ class Service:
                                     device=self.config.device, probe=str(self._probe))
 
     def _intake(self, path: Path) -> Outcome:
+        if self._fatal is not None:  # stopping: nothing more goes into a database that is not ours
+            return Outcome.RETRY
         try:
             return self._dispatcher.handle(path)
         except DatabaseUnavailable as exc:  # not handled: the watcher delivers it again later
-            log.warning("%s: %s; reading it again later", safe_files.shown(path), exc)
+            log.warning("%s: %s; reading it again later", shown(path), exc)
             return Outcome.RETRY
 
     def _tick_loop(self) -> None:

@@ -18,7 +18,7 @@ from typing import Any, Callable
 from previewd import outbox, rejections, shared_state
 from previewd.config import Config
 from previewd.dispatch import lora_affinity
-from previewd.errors import JobStateError, PipelineError, PipelineOutOfMemory, RenderInterrupted
+from previewd.errors import JobStateError, OutboxError, PipelineError, PipelineOutOfMemory, RenderInterrupted
 from previewd.logs import still_busy
 from previewd.manifest import ControlRef, RenderEntry
 from previewd.pipelines.quantization import Quantization
@@ -330,7 +330,8 @@ class Worker:
         except JobStateError:
             log.warning("job %d: %s (it was cancelled or taken over meanwhile)", job.id, message)
             return
-        if isinstance(exc, PipelineError) or final.state == JobState.QUEUED:
+        # An output folder previewd will not write into is said in a line, like a render that failed.
+        if isinstance(exc, (PipelineError, OutboxError)) or final.state == JobState.QUEUED:
             log.warning("job %d: %s (%s)", job.id, message, decision.reason)
         else:
             log.exception("job %d failed: %s", job.id, message, exc_info=exc)

@@ -98,6 +98,7 @@ class Planner:
             plan.notes.append(str(waiting))
         except IntakeError as exc:
             plan.tasks.clear()
+            plan.accepted.clear()  # a run's config read fine, but a checkpoint's renders of it did not
             if plan.waiting:  # its problems may be the downloads still running: read it again after
                 plan.ready = False
                 plan.notes.append(f"waiting for {len(plan.waiting)} control image URL(s)")

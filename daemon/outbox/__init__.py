@@ -14,12 +14,14 @@ under the folder's file lock because several workers may share one folder. `flus
 from __future__ import annotations
 
 import atexit
+import logging
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
 from PIL import Image
 
+from previewd.errors import OutboxError
 from previewd.manifest import BASE_ROW, Axes, PlannedCell, RenderEntry
 from previewd.outbox import files
 from previewd.outbox.folder import GRID, LOCK, MANIFEST, CellOp, Options, RenderOp, portable, read_manifest
@@ -31,6 +33,8 @@ from previewd.tasks import OutputTarget, RenderTask
 __all__ = ["DATA", "GRID", "LOCK", "MANIFEST", "PAGE", "THUMBS", "Options", "OutboxWriter", "a1111_parameters",
            "compare", "flush", "read_manifest", "read_record", "record_cell", "write_image", "write_render",
            "writer"]
+
+log = logging.getLogger(__name__)
 
 _writer: OutboxWriter | None = None
 _writer_lock = threading.Lock()
@@ -92,5 +96,9 @@ def record_cell(task: RenderTask, *, job_id: int | None = None, error: str | Non
         axes=axes(target), seed=spec.seed, width=spec.width, height=spec.height, job_id=job_id, error=error,
         at=datetime.now(timezone.utc).isoformat())
     out_dir = Path(target.out_dir)
-    files.mark(out_dir)
+    try:
+        files.mark(out_dir)
+    except OutboxError as exc:  # a folder previewd will not write into: its renders fail, and say so
+        log.warning("%s", exc)
+        return
     writer().submit(out_dir, CellOp(target, cell, failed=error is not None), options)

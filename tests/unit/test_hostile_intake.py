@@ -269,6 +269,27 @@ def test_the_watcher_is_idle_once_only_stalled_files_remain(tmp_path):
         watcher.stop()
 
 
+def test_the_watcher_delivers_links_to_folders_and_never_walks_them(tmp_path):
+    (tmp_path / "in" / "run" / "previews").mkdir(parents=True)
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "secret.yaml").write_text("x")
+    (tmp_path / "in" / "linked").symlink_to(tmp_path / "outside")
+    delivered = []
+    watcher = InboxWatcher([tmp_path / "in"], lambda p: delivered.append(p) or Outcome.DONE, ignore=lambda p: False,
+                           settle_seconds=0.05)
+    watcher.start()
+    try:
+        # A watched folder moved away and a link put in its place: scanned where it went, not through the link.
+        os.rename(tmp_path / "in" / "run" / "previews", tmp_path / "in" / "run" / "previews.old")
+        (tmp_path / "in" / "run" / "previews").symlink_to(tmp_path / "outside")
+        deadline = time.monotonic() + 5
+        while len(delivered) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        watcher.stop()
+    assert set(delivered) == {tmp_path / "in" / "linked", tmp_path / "in" / "run" / "previews"}
+
+
 def test_a_deleted_or_replaced_database_is_noticed(tmp_path):
     url = f"sqlite:///{tmp_path / 'q.db'}"
     with JobStore(url) as store:
