@@ -1,8 +1,10 @@
 """Intake as planning: a ready file -> the render tasks it implies. Reads, never writes.
 
 `Planner.plan(path)` routes a file the watcher delivered:
+- a name that is not UTF-8, or a symbolic link leading out of the roots: refused, whatever else
+  it is (every file a dropped file leads to is opened through previewd.safe_files);
 - `config.yaml` of an ai-toolkit run: every complete checkpoint in it (and the base model when
-  `output.baseline` is on);
+  `output.baseline` is on); directly in a watched folder: refused;
 - `<name>_<step>.safetensors` / `<name>.safetensors` inside a run: one task per sample prompt;
 - `*.yaml|*.yml|*.json` elsewhere: a render request;
 - pickled weights (`.ckpt`, `.pt`, `.bin`, ...) outside a run: refused, never opened;

@@ -121,9 +121,7 @@ class UrlFetcher:
                 self._running[url] = future
         if not wait:
             raise UrlPending(url)
-        future.result()
-        with self._lock:
-            return self._result(self._done[url])
+        return self._result(future.result())
 
     @staticmethod
     def _result(kept: tuple[float, bytes | None, str]) -> bytes:
@@ -132,7 +130,7 @@ class UrlFetcher:
             raise UrlRefused(error)
         return body
 
-    def _run(self, url: str) -> None:
+    def _run(self, url: str) -> tuple[float, bytes | None, str]:
         try:
             body, error = self._download(url), ""
         except UrlRefused as exc:
@@ -140,12 +138,14 @@ class UrlFetcher:
         except Exception:  # noqa: BLE001 - whatever broke, the file must hear "failed", not how
             log.debug("fetching %s failed", url, exc_info=True)
             body, error = None, "could not fetch the URL: failed"
+        kept = (time.monotonic() + _KEEP_SECONDS, body, error)
         with self._lock:
             self._running.pop(url, None)
-            self._done[url] = (time.monotonic() + _KEEP_SECONDS, body, error)
+            self._done[url] = kept
             self._done.move_to_end(url)
             while len(self._done) > _KEEP_ENTRIES:
                 self._done.popitem(last=False)
+        return kept
 
     def _download(self, url: str) -> bytes:
         deadline = time.monotonic() + self.timeout
