@@ -19,6 +19,9 @@ callers retry; stale pooled connections are replaced after a server restart (pre
 
 from __future__ import annotations
 
+import os
+import sqlite3
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
@@ -89,6 +92,11 @@ class JobStore:
         there was nothing to do; found is None for an empty database and `migrate.BASELINE` for
         one of previewd 0.1, adopted without losing a job. Raises SchemaVersionError when a newer previewd
         migrated the database past what this code knows."""
+        if (path := _sqlite_path(self._engine.url)) is not None and not os.path.exists(path):
+            try:
+                sqlite3.connect(path).close()  # the one place a SQLite file is created (see _configure_sqlite)
+            except sqlite3.OperationalError as exc:
+                raise DatabaseUnavailable(f"database unreachable: {exc}") from exc
         with self._unavailable_as_error(), self._writer.begin() as conn:
             return migrate.upgrade(conn)
 
@@ -98,6 +106,9 @@ class JobStore:
 
     def schema_revision(self) -> str | None:
         """The database's schema revision; None for an empty database or one of previewd 0.1."""
+        path = _sqlite_path(self._engine.url)
+        if path is not None and not os.path.exists(path) and os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            return None  # not created yet, and can be: as empty as it gets
         with self._read() as conn:
             return migrate.current(conn)
 
@@ -536,8 +547,23 @@ def _is_unavailable(exc: sa.exc.DBAPIError, dialect: str) -> bool:
     return True
 
 
+def _sqlite_path(url: sa.URL) -> str | None:
+    """The database file of a plain SQLite URL; None for memory, a URI or another database."""
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:") or url.query.get("uri"):
+        return None
+    return url.database
+
+
 def _configure_sqlite(engine: sa.Engine, busy_timeout: float) -> None:
     """SQLAlchemy's documented pysqlite recipe: we, not the driver, emit BEGIN."""
+
+    if (path := _sqlite_path(engine.url)) is not None:
+        @sa.event.listens_for(engine, "do_connect")
+        def _open_existing(_dialect, _record, cargs, cparams) -> None:
+            # Open the file, never create it: a database deleted under a running daemon must not
+            # come back empty at the next connection (only upgrade_schema creates one).
+            cargs[:] = [f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=rw"]
+            cparams["uri"] = True
 
     @sa.event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection, _record) -> None:

@@ -541,9 +541,23 @@ class TestSqliteStore(StoreContract):
         impatient.close()
 
     def test_errors_of_the_statement_are_not_unavailability(self, tmp_path):
+        (tmp_path / "empty.db").touch()  # an empty file is an empty SQLite database
         with JobStore(f"sqlite:///{tmp_path / 'empty.db'}") as store:
             with pytest.raises(sa.exc.OperationalError, match="no such table"):
                 store.counts()
+
+    def test_a_deleted_database_file_is_not_created_afresh_by_a_connection(self, tmp_path):
+        db = tmp_path / "q.db"
+        with JobStore(f"sqlite:///{db}") as store:
+            store.create_schema()
+            store.enqueue(key="a", payload={}, model="m", group="g")
+            store.close()  # no pooled connection survives: the next statement opens the path again
+            db.unlink()
+            with pytest.raises(DatabaseUnavailable, match="unable to open"):
+                store.counts()
+            assert not db.exists()
+            store.upgrade_schema()  # the one call that creates it, on purpose
+            assert db.exists() and not any(store.counts().values())
 
 
 @pytest.mark.skipif(not PG_URL, reason="set PREVIEWD_TEST_PG_URL to run against PostgreSQL")

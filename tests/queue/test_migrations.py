@@ -36,7 +36,9 @@ def database(request, tmp_path):
     def new_url() -> str:
         made.append(True)
         if request.param == "sqlite":
-            return f"sqlite:///{tmp_path / f'db{len(made)}.sqlite'}"
+            path = tmp_path / f"db{len(made)}.sqlite"
+            path.touch()  # empty, as a new PostgreSQL database is (only upgrade_schema creates a file)
+            return f"sqlite:///{path}"
         manager = fresh_database()
         opened.append(manager)
         return manager.__enter__()
