@@ -36,6 +36,23 @@ def staged(folder: Path, name: str) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+def process_umask() -> int:
+    """The process umask, read without changing it (Linux's /proc), else by setting it back."""
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        status = Path("/proc/self/status").read_text()
+        return int(next(line for line in status.splitlines() if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def mode_as_opened(path: Path) -> None:
+    """Give `path` the mode a plain open() would have created it with. safetensors 0.8 writes
+    through a 0600 temporary file (safetensors issue 782), which would keep weights previewd
+    writes from a service running as another user."""
+    os.chmod(path, 0o666 & ~process_umask())
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Write `data` to a temporary file beside `path`, fsync, then rename over `path`."""
     with staged(path.parent, path.name) as tmp:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from previewd.catalog import MODELS
+from previewd.fileio import mode_as_opened
 from previewd.pipelines.tiny import flux2, qwen
 
 _BUILDERS = {"qwen": qwen.build, "flux2": flux2.build}
@@ -21,5 +22,7 @@ def build_all(out_dir: Path, model_ids: list[str] | None = None) -> dict[str, Pa
     for model_id in model_ids or list(MODELS):
         folder = out_dir / model_id
         _BUILDERS[MODELS[model_id].family](model_id, folder)
+        for weights in folder.rglob("*.safetensors"):
+            mode_as_opened(weights)
         folders[model_id] = folder
     return folders

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from previewd.fileio import mode_as_opened
 from previewd.pipelines import _torchvision_compat
 
 MISTRAL_SPECIALS = ("<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]",
@@ -162,4 +163,5 @@ def write_bfl_lora(path: Path, *, seed: int, rank: int = 4, scale: float = 1.5, 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata=metadata)
+    mode_as_opened(path)
     return path

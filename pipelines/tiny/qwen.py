@@ -20,6 +20,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from previewd.fileio import mode_as_opened
+
 SEEDS = {"qwen_image": 2512, "qwen_image_2512": 2512, "qwen_image_edit": 1001,
          "qwen_image_edit_plus": 2509, "qwen_image_edit_plus_2511": 2511}
 
@@ -164,4 +166,5 @@ def write_random_lora(model_dir: Path, path: Path, *, seed: int, step: int | Non
         metadata["training_info"] = json.dumps({"step": step, "epoch": 0})
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata=metadata)
+    mode_as_opened(path)
     return path
