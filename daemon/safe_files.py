@@ -24,6 +24,7 @@ import errno
 import fcntl
 import json
 import os
+import pwd
 import secrets
 import stat
 import time
@@ -53,6 +54,24 @@ class RefusedFile(PreviewdError):
 
 def kind(mode: int) -> str:
     return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def why_unreadable(exc: OSError | UnicodeDecodeError) -> str:
+    """Why a file could not be read, in one line without its path (the message is shown beside it)."""
+    if isinstance(exc, UnicodeDecodeError):
+        return f"not UTF-8 text (byte {exc.start})"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        # The usual cause: safetensors 0.8 writes every file 0600, whatever the trainer's umask.
+        return (f"permission denied to previewd's user ({_user_name()}); let it read the file, e.g. "
+                "through a group the trainer shares with it")
+    return exc.strerror or type(exc).__name__
+
+
+def _user_name() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:  # a uid without a passwd entry, as in some containers
+        return f"uid {os.geteuid()}"
 
 
 def _mib(size: float) -> str:

@@ -18,7 +18,8 @@ from typing import Any, Callable
 from previewd import outbox, rejections, shared_state
 from previewd.config import Config
 from previewd.dispatch import lora_affinity
-from previewd.errors import JobStateError, OutboxError, PipelineError, PipelineOutOfMemory, RenderInterrupted
+from previewd.errors import (JobStateError, LoraError, OutboxError, PipelineError, PipelineOutOfMemory,
+                             RenderInterrupted)
 from previewd.logs import still_busy
 from previewd.manifest import ControlRef, RenderEntry
 from previewd.pipelines.quantization import Quantization
@@ -339,6 +340,8 @@ class Worker:
             self.failed += 1
             if out_dir is not None:
                 rejections.record(out_dir, f"job {job.id} failed: {exc}")
+            if isinstance(exc, LoraError) and task is not None:  # beside the file to fix, too
+                rejections.record(_file_naming_the_lora(task), f"rendering with it failed: {exc}")
             if task is not None:  # the page and grid show the cell's reason
                 outbox.record_cell(task, job_id=job.id, error=message, options=outbox.Options.of(self._config.output))
 
@@ -358,3 +361,11 @@ class Worker:
             if failures:
                 log.info("job %d: recorded after the database came back", job.id)
             return result
+
+
+def _file_naming_the_lora(task: RenderTask) -> Path:
+    """Where a person fixes a LoRA that cannot be applied: a run's checkpoint, else the request."""
+    target = task.target
+    if target.job_dir and target.checkpoint and (Path(target.job_dir) / target.checkpoint).is_file():
+        return Path(target.job_dir) / target.checkpoint
+    return Path(target.source)

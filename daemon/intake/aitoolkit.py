@@ -29,7 +29,7 @@ from previewd.intake.paths import is_url, resolve_path
 from previewd.intake.prompt_flags import (RANDOM_SEED, TORCH_SEEDS, PromptFlagError, aitk_seeds, floor_size,
                                           inject_trigger, parse_prompt_flags, torch_seed)
 from previewd.intake.quantization import QuantizationSettings, of_run
-from previewd.safe_files import parse_json, parse_yaml, read_text
+from previewd.safe_files import parse_json, parse_yaml, read_text, why_unreadable
 from previewd.spec import NUMBERED_CONTROL_SLOTS, AitkOptions, ControlImage, LoraSpec, RenderSpec
 from previewd.validation_errors import did_you_mean, format_validation_error
 
@@ -378,7 +378,7 @@ def read_job(config_path: Path, *, aitk_root: Path | None = None, roots: tuple[P
     try:
         raw = _load(config_path, roots, limits)
     except (OSError, UnicodeDecodeError) as exc:
-        raise IntakeError(config_path, KIND, [f"file: cannot read: {exc}"]) from None
+        raise IntakeError(config_path, KIND, [f"file: cannot read: {why_unreadable(exc)}"]) from None
     except yaml.YAMLError as exc:
         raise IntakeError(config_path, KIND, [f"yaml: {exc}"]) from None
     if not _is_job(raw):

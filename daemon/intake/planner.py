@@ -31,7 +31,7 @@ from previewd.intake.paths import PICKLED_SUFFIXES
 from previewd.intake.safetensors_header import (CorruptSafetensors, Header, TruncatedSafetensors, inspect,
                                                 lora_problems)
 from previewd.intake.urls import UrlFetcher, UrlPending
-from previewd.safe_files import RefusedFile, Roots
+from previewd.safe_files import RefusedFile, Roots, why_unreadable
 from previewd.tasks import OutputTarget, RenderTask, image_name
 
 JOB_CONFIG = "config.yaml"
@@ -114,7 +114,7 @@ class Planner:
             plan.notes.append(f"cannot read: {exc.strerror}")
         except OSError as exc:  # e.g. not readable by previewd's user: say so beside it
             plan.tasks.clear()
-            plan.rejected.append(IntakeError(path, "file", [f"(file): cannot read: {exc.strerror or exc}"]))
+            plan.rejected.append(IntakeError(path, "file", [f"(file): cannot read: {why_unreadable(exc)}"]))
         return plan
 
     def _route(self, path: Path, plan: Plan) -> None:

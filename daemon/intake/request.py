@@ -32,7 +32,7 @@ from previewd.intake.prompt_flags import PromptFlagError, aitk_seeds, floor_size
 from previewd.intake.quantization import REPRODUCED, find_adapter, split_qtype
 from previewd.catalog import validate_spec
 from previewd.intake.paths import PICKLED_SUFFIXES
-from previewd.safe_files import parse_json, parse_yaml, read_text
+from previewd.safe_files import parse_json, parse_yaml, read_text, why_unreadable
 from previewd.validation_errors import format_validation_error
 from previewd.spec import (CONTROL_SLOTS, DEFAULT_GUIDANCE, DEFAULT_SEED, DEFAULT_STEPS, MAX_GUIDANCE,
                            MAX_MULTIPLIER, MAX_SIDE, MAX_STEPS, MIN_SIDE, MODEL_IDS, AitkOptions, LoraSpec,
@@ -202,7 +202,7 @@ def read_request(path: Path, *, allowed_roots: list[Path], default_parity: Parit
     try:
         data = _load(path, allowed_roots, limits)
     except (OSError, UnicodeDecodeError) as exc:
-        raise IntakeError(path, KIND, [f"file: cannot read: {exc}"]) from None
+        raise IntakeError(path, KIND, [f"file: cannot read: {why_unreadable(exc)}"]) from None
     except (yaml.YAMLError, json.JSONDecodeError) as exc:
         raise IntakeError(path, KIND, [f"syntax: {exc}"]) from None
     if not isinstance(data, dict):

@@ -17,6 +17,7 @@ reload).
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import secrets
 from collections.abc import Iterator
@@ -55,6 +56,8 @@ from previewd.pipelines.quantization import Quantization
 from previewd.pipelines.quantize import QuantizedModel, quantize_transformer
 from previewd.pipelines.runtime_lora import Pair, RuntimeLora
 from previewd.spec import NUMBERED_CONTROL_SLOTS, ModelSource, RenderResult, RenderSpec
+
+logger = logging.getLogger(__name__)
 
 AITK_SCHEDULER: dict[str, Any] = {
     "base_image_seq_len": 256,

@@ -15,6 +15,7 @@ status), and a good request dropped last renders.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import http.server
 import io
@@ -26,6 +27,7 @@ import socket
 import struct
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
@@ -118,16 +120,28 @@ class SlowServer:
         self.httpd.server_close()
 
 
-def _as_nobody_works() -> bool:
+def _previewd_as_nobody() -> list[str] | None:
+    """The command that starts `previewd` as `nobody`, or None where privileges cannot be dropped.
+
+    The test's own interpreter may lie where `nobody` cannot reach (a pyenv build under /root, mode
+    0700); the system's interpreter of the same minor version then runs the same site-packages,
+    without its own (-S), so the daemon under test is the code and libraries of this checkout.
+    """
     if os.geteuid() != 0:
-        return False
-    try:
-        probe = subprocess.run([sys.executable, "-c", "import previewd.service"], user=NOBODY, group=NOBODY,
-                               extra_groups=[], capture_output=True, cwd="/", timeout=120,
-                               env=dict(os.environ, HOME="/tmp"))
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return probe.returncode == 0
+        return None
+    site_dir = sysconfig.get_paths()["purelib"]
+    boot = (f"import runpy, site; site.addsitedir({site_dir!r}); "
+            "runpy.run_module('previewd', run_name='__main__', alter_sys=True)")
+    system = f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}"
+    for command in ([sys.executable, "-m", "previewd"], [system, "-S", "-c", boot]):
+        try:
+            probe = subprocess.run([*command, "--version"], user=NOBODY, group=NOBODY, extra_groups=[],
+                                   capture_output=True, cwd="/", timeout=120, env=dict(os.environ, HOME="/tmp"))
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if probe.returncode == 0:
+            return command
+    return None
 
 
 @dataclass
@@ -138,6 +152,9 @@ class World:
     canary: Path
     writable: Path
     model: Path
+    lora: Path
+    """A checkpoint of `model`, made by the test (as root: torch may lie where `nobody` cannot read)."""
+    previewd: list[str]
     drop: bool
     env: dict
     server: SlowServer
@@ -148,11 +165,11 @@ class World:
         return self.inst / "inbox"
 
     def run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "previewd", *args, "-c", str(self.config)], capture_output=True,
+        return subprocess.run([*self.previewd, *args, "-c", str(self.config)], capture_output=True,
                               text=True, timeout=timeout, env=self.env, cwd="/", **self.user())
 
     def start(self, log: Path) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "previewd", "run", "-c", str(self.config)], env=self.env,
+        return subprocess.Popen([*self.previewd, "run", "-c", str(self.config)], env=self.env,
                                 stdout=open(log, "ab"), stderr=subprocess.STDOUT, cwd="/", **self.user())
 
     def user(self) -> dict:
@@ -166,9 +183,29 @@ class World:
             for name in [*dirs, *files, ""]:
                 os.chown(os.path.join(folder, name), NOBODY, NOBODY, follow_symlinks=False)
 
+    @contextlib.contextmanager
+    def as_them(self):
+        """Make files as the daemon's user, as a trainer in its group would: the daemon sees each
+        one the moment it appears, so handing it over afterwards would race with the rejection."""
+        if not self.drop:
+            yield
+            return
+        groups = os.getgroups()
+        os.setgroups([])
+        os.setegid(NOBODY)
+        os.seteuid(NOBODY)
+        try:
+            yield
+        finally:
+            os.seteuid(0)
+            os.setegid(0)
+            os.setgroups(groups)
+
 
 @pytest.fixture(scope="module")
 def world():
+    from previewd.pipelines.tiny.qwen import write_random_lora
+
     base = Path(tempfile.mkdtemp(prefix="previewd-hostile-", dir="/tmp"))
     os.chmod(base, 0o755)
     subprocess.run([sys.executable, "-m", "previewd", "tiny-models", str(base / "models"), "--model",
@@ -192,11 +229,15 @@ def world():
     config.write_text(text)
     for sub in ("inbox", "state", "outbox"):
         (inst / sub).mkdir()
-    drop = _as_nobody_works()
+    as_nobody = _previewd_as_nobody()
+    lora = write_random_lora(base / "models" / "qwen_image_2512", base / "staging" / "lora.safetensors", seed=3,
+                             step=250)
+    drop = as_nobody is not None
     env = dict(os.environ, HOME=str(home), XDG_CACHE_HOME=str(home / ".cache"), HF_HUB_OFFLINE="1",
                PYTHONDONTWRITEBYTECODE="1")
     w = World(base=base, inst=inst, config=config, canary=canary, writable=writable, model=base / "models" /
-              "qwen_image_2512", drop=drop, env=env, server=server)
+              "qwen_image_2512", lora=lora, previewd=as_nobody or [sys.executable, "-m", "previewd"], drop=drop, env=env,
+              server=server)
     w.give(inst)
     w.give(home)
     print(f"\ndaemon runs as {'nobody' if drop else 'the current user (cannot drop privileges here)'}")
@@ -528,6 +569,9 @@ def _wave_a() -> list[Case]:
         _checkpoint_case("invisible", "shapes_mismatch", lambda p: _safetensors(p, {
             "diffusion_model.x.lora_A.weight": np.ones((4, 16), np.float32),
             "diffusion_model.x.lora_B.weight": np.ones((16, 3), np.float32)}), "incompatible LoRA shapes"),
+        _checkpoint_case("invisible", "modules_match_nothing", lambda p: _safetensors(p, {
+            "diffusion_model.x.lora_A.weight": np.ones((4, 16), np.float32),
+            "diffusion_model.x.lora_B.weight": np.ones((16, 4), np.float32)}), "none of the 1 LoRA modules exists"),
         _checkpoint_case("invisible", "lokr", lambda p: _safetensors(p, {"diffusion_model.x.lokr_w1": np.ones(2)}),
                          "unsupported LoRA variant"),
         _checkpoint_case("invisible", "integer_weights", lambda p: _safetensors(p, {
@@ -621,12 +665,9 @@ def _png_bomb() -> bytes:
 def _render_run(name: str, tamper: Callable[[World, Path], None], *, check, cls: str = "output folder",
                 reason: str | None = None, marker: str | None = None) -> Case:
     def make(w: World) -> None:
-        from previewd.pipelines.tiny.qwen import write_random_lora
-
         run = _run(w, name)
         tamper(w, run)
-        staged = write_random_lora(w.model, w.base / "staging" / f"{name}.safetensors", seed=3, step=250)
-        shutil.copyfile(staged, run / f"{name}_000000250.safetensors")
+        shutil.copyfile(w.lora, run / f"{name}_000000250.safetensors")
     return Case(cls, name, make, (lambda w: w.inbox / marker) if marker else None, reason or "", check=check)
 
 
@@ -800,16 +841,16 @@ def test_hostile_inputs_do_no_harm_and_are_each_refused_visibly(world: World):
         _wait(lambda: "watching" in log.read_text(errors="replace"), 120, "start-up", proc, log)
 
         # Wave A: intake only.
-        for case in wave_a:
-            case.make(w)
-        w.give(w.inbox)
+        with w.as_them():
+            for case in wave_a:
+                case.make(w)
         _wait(_settled(w, wave_a), 90, "every wave-A rejection", proc, log)
         _alive(w, proc)
 
         # Wave B: renders into tampered output folders.
-        for case in wave_b:
-            case.make(w)
-        w.give(w.inbox)
+        with w.as_them():
+            for case in wave_b:
+                case.make(w)
         _wait(_settled(w, wave_b), 300, "every wave-B render or rejection", proc, log)
         _alive(w, proc)
 
@@ -818,10 +859,10 @@ def test_hostile_inputs_do_no_harm_and_are_each_refused_visibly(world: World):
         _alive(w, proc)
 
         # Last: a good request renders, as does one with the same stem in another syntax.
-        (w.inbox / "good.yaml").write_text(_request(""))
-        (w.inbox / "good.json").write_text(json.dumps({"model": "qwen_image_2512", "prompts": [
-            {"prompt": "a blue fox", "width": 64, "height": 64, "sample_steps": 2}]}))
-        w.give(w.inbox)
+        with w.as_them():
+            (w.inbox / "good.yaml").write_text(_request(""))
+            (w.inbox / "good.json").write_text(json.dumps({"model": "qwen_image_2512", "prompts": [
+                {"prompt": "a blue fox", "width": 64, "height": 64, "sample_steps": 2}]}))
         outbox = w.inst / "outbox"
         _wait(lambda: (outbox / "good" / "base_00.png").is_file() and (outbox / "good.json" / "base_00.png").is_file(),
               180, "the good requests", proc, log)
@@ -864,18 +905,17 @@ def test_hostile_inputs_do_no_harm_and_are_each_refused_visibly(world: World):
 def _swap_mid_run(w: World, proc: subprocess.Popen, log: Path) -> None:
     from previewd.pipelines.tiny.qwen import write_random_lora
 
-    run = _run(w, "o_swap", steps=40)
-    w.give(run)
-    for step in (250, 500, 750, 1000):
-        staged = write_random_lora(w.model, w.base / "staging" / f"swap{step}.safetensors", seed=step, step=step)
-        shutil.copyfile(staged, run / f"o_swap_{step:09d}.safetensors")
-    w.give(run)
+    staged = [write_random_lora(w.model, w.base / "staging" / f"swap{step}.safetensors", seed=step, step=step)
+              for step in (250, 500, 750, 1000)]
+    with w.as_them():
+        run = _run(w, "o_swap", steps=40)
+        for step, lora in zip((250, 500, 750, 1000), staged):
+            shutil.copyfile(lora, run / f"o_swap_{step:09d}.safetensors")
     previews = run / "previews"
     _wait(lambda: any(previews.glob("0*.png")), 180, "the first image of the swapped run", proc, log)
-    os.rename(previews, run / "previews.old")
-    os.symlink(w.writable, previews)
-    if w.drop:
-        os.chown(previews, NOBODY, NOBODY, follow_symlinks=False)
+    with w.as_them():
+        os.rename(previews, run / "previews.old")
+        os.symlink(w.writable, previews)
     _wait(lambda: _status(w)["counts"].get("queued", 0) == 0 and not _status(w)["counts"].get("running"),
           240, "the swapped run's jobs", proc, log)
     written = sorted(p.name for p in (run / "previews.old").glob("0*.png"))
@@ -896,12 +936,11 @@ def test_a_deleted_queue_database_stops_the_daemon_and_is_not_started_afresh(wor
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert "the queue database was deleted while previewd ran: stopping" in log.read_text()
+    assert "the queue database was deleted while previewd ran: stopping" in log.read_text(), log.read_text()
+    assert not db.exists()  # no connection made meanwhile created an empty one in its place
     again = w.start(log)
     assert again.wait(timeout=120) == 1
-    # Missing, or created empty by a connection as the first daemon stopped: refused either way.
-    refused = log.read_text().split("the queue database was deleted while previewd ran")[1]
-    assert "the queue database is missing" in refused or "not the queue database this state belongs to" in refused
+    assert "the queue database is missing" in log.read_text().split("was deleted while previewd ran")[1]
     text = log.read_text()
     assert "Traceback" not in text, text[text.index("Traceback") - 500:][:4000]
     upgraded = w.run("db", "upgrade")
@@ -912,3 +951,33 @@ def test_a_deleted_queue_database_stops_the_daemon_and_is_not_started_afresh(wor
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
+
+
+def test_files_the_daemon_cannot_read_are_refused_beside_them(world: World):
+    """A trainer's files that previewd's user may not read (safetensors 0.8 writes every file
+    0600, whatever the umask) are refused with that reason, not waited for or lost."""
+    w = world
+    if not w.drop:
+        pytest.skip("the daemon runs as the current user, who reads everything here")
+    with w.as_them():
+        _run(w, "unreadable")
+    run = w.inbox / "unreadable"
+    checkpoint = run / "unreadable_000000250.safetensors"
+    request = w.inbox / "unreadable.yaml"
+    shutil.copyfile(w.lora, checkpoint)
+    request.write_text(_request(""))
+    for path in (checkpoint, request):
+        os.chmod(path, 0o600)
+        _age(path)
+    log = w.base / "unreadable.log"
+    proc = w.start(log)
+    try:
+        markers = [Path(f"{path}{ERROR}") for path in (checkpoint, request)]
+        _wait(lambda: all(marker.is_file() for marker in markers), 120, "both error files", proc, log)
+        _alive(w, proc)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    for marker in markers:
+        text = marker.read_text()
+        assert "permission denied to previewd's user (nobody)" in text and "Errno" not in text, text

@@ -1,6 +1,8 @@
 """The one place that opens what a dropped file leads to, and writes into output folders."""
 
+import errno
 import os
+import pwd
 import threading
 import time
 
@@ -10,7 +12,7 @@ import yaml
 from previewd.config import LimitsConfig
 from previewd.errors import OutboxError, shown
 from previewd.safe_files import (DocumentLimit, RefusedFile, SafeDir, UnsafeFolder, open_regular, parse_json,
-                                 parse_yaml, read_regular)
+                                 parse_yaml, read_regular, why_unreadable)
 
 LIMITS = LimitsConfig()
 
@@ -170,3 +172,19 @@ def test_the_lock_times_out_and_never_waits_on_a_fifo(tmp_path):
         assert time.monotonic() - started < 2
         release.set()
         thread.join()
+
+
+def test_why_unreadable_says_whose_permission_without_the_path():
+    denied = why_unreadable(PermissionError(errno.EACCES, "Permission denied", "/runs/x/secret_name.safetensors"))
+    assert denied.startswith(f"permission denied to previewd's user ({pwd.getpwuid(os.geteuid()).pw_name})")
+    assert "secret_name" not in denied and "Errno" not in denied
+    assert why_unreadable(IsADirectoryError(errno.EISDIR, "Is a directory", "/x")) == "Is a directory"
+    assert why_unreadable(_bad_utf8()) == "not UTF-8 text (byte 2)"
+
+
+def _bad_utf8() -> UnicodeDecodeError:
+    try:
+        b"ok\xff".decode()
+    except UnicodeDecodeError as exc:
+        return exc
+    raise AssertionError("decoded")

@@ -48,6 +48,7 @@ def env(tmp_path):
     (tmp_path / "config.yaml").write_text(render_config())
     config = load_config(tmp_path / "config.yaml")
     config.state_dir.mkdir()
+    config.inbox.mkdir()
     store = JobStore(config.db_url)
     store.create_schema()
     renderer = Renderer(config, factory=StandIn)
@@ -58,7 +59,7 @@ def env(tmp_path):
 def _enqueue(config, store, model: str, index: int):
     task = RenderTask(spec=RenderSpec(model=model, prompt=f"p{index}", width=64, height=64),
                       target=OutputTarget(out_dir=str(config.outbox_root / model), image_name=f"{index}.png",
-                                          title="t", source="s", prompt_index=index))
+                                          title="t", source=str(config.inbox / "r.yaml"), prompt_index=index))
     return store.enqueue(key=task.idempotency_key(), payload=task.model_dump(mode="json"), model=model, group="g")[0]
 
 
@@ -82,6 +83,8 @@ def test_permanent_failure_fails_the_job_with_its_message(env):
     worker.run_once(threading.Event())
     job = store.get(job.id)
     assert job.state == JobState.FAILED and "no key of the LoRA matches" in job.last_error
+    # Beside the request that names the LoRA: the file to fix.
+    assert "rendering with it failed: no key of the LoRA matches" in (config.inbox / "r.yaml.error.txt").read_text()
 
 
 def test_out_of_memory_unloads_and_retries_later(env):
