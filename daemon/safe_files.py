@@ -62,8 +62,8 @@ def why_unreadable(exc: OSError | UnicodeDecodeError) -> str:
         return f"not UTF-8 text (byte {exc.start})"
     if exc.errno in (errno.EACCES, errno.EPERM):
         # The usual cause: safetensors 0.8 writes every file 0600, whatever the trainer's umask.
-        return (f"permission denied to previewd's user ({_user_name()}); let it read the file, e.g. "
-                "through a group the trainer shares with it")
+        return (f"permission denied to previewd's user ({_user_name()}); make the file readable to it, or run "
+                "previewd as the user who writes it")
     return exc.strerror or type(exc).__name__
 
 

@@ -4,7 +4,9 @@ URLs mirror the folders below the config's roots (`/<root number>/<path>`), so t
 page holds — its images, thumbnails, manifest.js and ai-toolkit's `../samples/` beside a run's
 previews — work as they do from file://. Only files inside an output folder (one holding the
 outbox's lock file and a manifest), or inside the `samples/` folder of the run that holds one,
-are served; everything else is "not found", symbolic links included once resolved.
+are served; everything else is "not found", symbolic links included once resolved. Anyone who can
+drop files can plant a folder that looks like an output folder, so every file is opened as a dropped
+one is (previewd.safe_files: a regular file, within that folder, never a FIFO, size-capped).
 """
 
 from __future__ import annotations
@@ -25,12 +27,15 @@ from urllib.parse import quote, unquote, urlsplit
 
 from previewd.config import Config
 from previewd.outbox import LOCK, MANIFEST, PAGE
+from previewd.safe_files import RefusedFile, Roots, open_regular, read_regular
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 8765
 _RESCAN_SECONDS = 5.0
 _SAMPLES = "samples"
+_MAX_MANIFEST = 64 << 20
+_MAX_FILE = 1 << 30
 _HEADERS = {
     "Cache-Control": "no-cache",
     "X-Content-Type-Options": "nosniff",
@@ -80,8 +85,8 @@ class Outboxes:
                         found[path] = OutputFolder(number, path, f"/{number}/{quote(below)}/" if below != "." else f"/{number}/")
         return sorted(found.values(), key=lambda f: f.url)
 
-    def locate(self, url_path: str) -> Path | None:
-        """The file a URL names, if it may be served."""
+    def locate(self, url_path: str) -> tuple[Path, Roots] | None:
+        """The file a URL names, if it may be served, and the folders it must stay within."""
         # `..` as a browser resolves it (a page's ../samples/); containment is checked once resolved.
         parts = [p for p in posixpath.normpath(url_path).split("/") if p]
         if not parts or not parts[0].isdigit() or int(parts[0]) >= len(self.roots):
@@ -95,14 +100,16 @@ class Outboxes:
             return None
         for folder in self.folders():
             if path.is_relative_to(folder.path) or path.is_relative_to(folder.path.parent / _SAMPLES):
-                return path
+                return path, Roots([folder.path, folder.path.parent / _SAMPLES])
         return None
 
 
 def _summary(folder: OutputFolder) -> dict:
     try:
-        data = json.loads((folder.path / MANIFEST).read_bytes())
-    except (OSError, ValueError):
+        data = json.loads(read_regular(folder.path / MANIFEST, [folder.path], max_bytes=_MAX_MANIFEST))
+    except (OSError, ValueError, RefusedFile):
+        data = {}
+    if not isinstance(data, dict):
         data = {}
     return {"title": data.get("title") or folder.path.name, "model": data.get("model") or "",
             "updated": data.get("updated_at") or "", "done": len(data.get("renders") or []),
@@ -142,8 +149,12 @@ class Handler(BaseHTTPRequestHandler):
         if path == "/":
             self._send(HTTPStatus.OK, "text/html; charset=utf-8", index_page(self.outboxes), head)
             return
-        target = self.outboxes.locate(path)
-        if target is not None and target.is_dir():
+        located = self.outboxes.locate(path)
+        if located is None:
+            self._send(HTTPStatus.NOT_FOUND, "text/plain; charset=utf-8", b"not found\n", head)
+            return
+        target, within = located
+        if target.is_dir():
             if not path.endswith("/"):
                 self.send_response(HTTPStatus.MOVED_PERMANENTLY)
                 self.send_header("Location", quote(path) + "/")
@@ -151,15 +162,12 @@ class Handler(BaseHTTPRequestHandler):
                 self.end_headers()
                 return
             target = target / PAGE
-        if target is None or not target.is_file():
-            self._send(HTTPStatus.NOT_FOUND, "text/plain; charset=utf-8", b"not found\n", head)
-            return
         kind = mimetypes.guess_type(target.name)[0] or "application/octet-stream"
         if kind.startswith("text/") or kind.endswith("javascript"):
             kind += "; charset=utf-8"
         try:
-            handle = open(target, "rb")
-        except OSError:
+            handle = open_regular(target, within, max_bytes=_MAX_FILE)
+        except (OSError, RefusedFile):
             self._send(HTTPStatus.NOT_FOUND, "text/plain; charset=utf-8", b"not found\n", head)
             return
         with handle:

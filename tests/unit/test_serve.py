@@ -1,5 +1,6 @@
 """`previewd serve`: every output folder's page, read-only, and nothing outside them."""
 
+import os
 import threading
 import urllib.error
 import urllib.request
@@ -97,3 +98,39 @@ def test_serve_binds_to_localhost_by_default():
 
     args = parser().parse_args(["serve", "-c", "config.yaml"])
     assert args.host == "127.0.0.1" and args.port == 8765
+
+
+def test_files_planted_in_a_folder_made_to_look_like_an_output_folder_never_stall_or_leak(served, tmp_path):
+    """Whoever drops files can make a folder look like an output folder: a FIFO must not hang a
+    request, a link must not lead out, a huge sparse manifest must not be read."""
+    base, config = served
+    (tmp_path / "secret.json").write_text('{"title": "SECRET-TITLE"}')
+    planted = {"fifo": lambda f: os.mkfifo(f / "manifest.json"),
+               "link": lambda f: (f / "manifest.json").symlink_to(tmp_path / "secret.json"),
+               "sparse": lambda f: os.truncate(_touch(f / "manifest.json"), 10 << 30)}
+    for name, make in planted.items():
+        folder = config.inbox / name / "previews"
+        folder.mkdir(parents=True)
+        (folder / ".manifest.lock").touch()
+        make(folder)
+        os.mkfifo(folder / "000000250_00.png")
+    statuses = {}
+
+    def fetch_all():
+        statuses["/"] = _get(base + "/")
+        for name in planted:
+            statuses[name] = _get(f"{base}/1/{name}/previews/000000250_00.png")[0]
+
+    fetching = threading.Thread(target=fetch_all, daemon=True)
+    fetching.start()
+    fetching.join(timeout=20)
+    assert not fetching.is_alive(), "a request hangs on a planted FIFO"
+    status, body, _headers = statuses["/"]
+    assert status == 200 and b"SECRET-TITLE" not in body
+    assert all(f"{name}/previews/" in body.decode() for name in planted)  # listed, by folder name
+    assert [statuses[name] for name in planted] == [404, 404, 404]
+
+
+def _touch(path: Path) -> Path:
+    path.touch()
+    return path
