@@ -93,27 +93,47 @@ class Dispatcher:
 
     def materialise(self, plan: Plan) -> list[RenderTask]:
         """Store the plan's control images and snapshot the LoRAs its tasks name; the tasks then
-        name previewd's own copies, identified by content hash. A checkpoint that cannot be kept
+        name previewd's own copies, identified by content hash. A checkpoint snapshotted before and
+        unchanged since is not read again unless a job not yet queued needs its copy (at start,
+        every checkpoint of every watched run is delivered again). A checkpoint that cannot be kept
         (changed meanwhile, non-finite weights) is rejected beside it, and its tasks dropped; a
         request naming it is rejected as a whole."""
         write_missing(plan.assets)
-        snapped: dict[str, tuple[Path, str] | None] = {}
+        originals = {task.spec.lora.path for task in plan.tasks
+                     if task.spec.lora is not None and task.spec.lora.sha256 is None}
+        snaps = {path: snapshots.recall(Path(path), self._config.snapshot_dir) for path in sorted(originals)}
+        for path, known in snaps.items():
+            if known is None:
+                snaps[path] = self._snapshot(Path(path), plan)
+        tasks = self._with_snapshots(plan, snaps)
+        named = [(task, original) for task, original in tasks if original is not None]
+        existing = self._store.existing_keys(task.idempotency_key() for task, _ in named) if named else set()
+        stale = {original for task, original in named
+                 if task.idempotency_key() not in existing and not Path(task.spec.lora.path).is_file()}
+        if stale:  # recalled, but its copy is pruned and a new job needs one
+            snaps.update({path: self._snapshot(Path(path), plan) for path in sorted(stale)})
+            tasks = self._with_snapshots(plan, snaps)
+        if plan.request and any(snap is None for snap in snaps.values()):
+            plan.accepted.clear()
+            return []
+        return [task for task, _ in tasks]
+
+    @staticmethod
+    def _with_snapshots(plan: Plan, snaps: dict[str, tuple[Path, str] | None]) -> list[tuple[RenderTask, str | None]]:
+        """The plan's tasks naming the snapshots (each with the trainer's file it came from); tasks
+        of a checkpoint that could not be kept are dropped."""
         tasks = []
         for task in plan.tasks:
             lora = task.spec.lora
-            if lora is not None and lora.sha256 is None:
-                if lora.path not in snapped:
-                    snapped[lora.path] = self._snapshot(Path(lora.path), plan)
-                if snapped[lora.path] is None:
-                    if plan.request:
-                        plan.accepted.clear()
-                        return []
-                    continue
-                snap, digest = snapped[lora.path]
-                spec = task.spec.model_copy(update={"lora": LoraSpec(
-                    path=str(snap), sha256=digest, network_multiplier=lora.network_multiplier)})
-                task = task.model_copy(update={"spec": spec})
-            tasks.append(task)
+            if lora is None or lora.sha256 is not None:
+                tasks.append((task, None))
+                continue
+            if snaps[lora.path] is None:
+                continue
+            snap, digest = snaps[lora.path]
+            spec = task.spec.model_copy(update={"lora": LoraSpec(
+                path=str(snap), sha256=digest, network_multiplier=lora.network_multiplier)})
+            tasks.append((task.model_copy(update={"spec": spec}), lora.path))
         return tasks
 
     def _snapshot(self, lora: Path, plan: Plan) -> tuple[Path, str] | None:

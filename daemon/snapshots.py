@@ -8,20 +8,62 @@ copy_file_range, a reflink on copy-on-write filesystems; the source is opened as
 file is (previewd.safe_files), and what is kept is checked again: complete as its header says,
 every tensor finite. A sparse file never gets this far (intake refuses it), so a snapshot costs
 no more than the checkpoint occupies.
+
+Every start delivers every checkpoint in the watched folders again, and their jobs are mostly done
+(their snapshots pruned). So each snapshot is remembered by the identity of the file it was made
+from (path, device, inode, size, mtime and ctime: a rewrite changes the ctime, which no one can
+set back): `recall` gives the content hash without reading the file, and the copy is made again
+only when a job not yet queued needs it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import re
 import shutil
+import stat
 from pathlib import Path
 
 from previewd.config import LimitsConfig
 from previewd.intake.safetensors_header import CorruptSafetensors, inspect, nonfinite_tensors
-from previewd.safe_files import Roots, SafeDir, open_regular
+from previewd.safe_files import Roots, SafeDir, fd_path, open_regular
 
 _CHUNK = 1 << 20
+SOURCES = ".sources"
+"""Below the snapshot folder: one small file per checkpoint file snapshotted, holding its hash."""
+_SOURCE_DAYS = 90
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+
+
+def _source_key(real: str, st: os.stat_result) -> str:
+    identity = f"{real}\0{st.st_dev}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}"
+    return hashlib.sha256(identity.encode("utf-8", "surrogateescape")).hexdigest()[:40]
+
+
+def recall(source: Path, snapshot_dir: Path) -> tuple[Path, str] | None:
+    """(snapshot path, sha256) of a checkpoint file snapshotted before and unchanged since, without
+    reading it; None when unknown. The snapshot itself may have been pruned since."""
+    real = os.path.realpath(source)
+    try:
+        st = os.lstat(real)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        memo = snapshot_dir / SOURCES / _source_key(real, st)
+        digest = memo.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not _DIGEST.fullmatch(digest):
+        return None
+    with contextlib.suppress(OSError):  # e.g. another host's, in a state_dir they share
+        os.utime(memo)  # still in use: not old enough to prune
+    return snapshot_dir / f"{digest}{source.suffix}", digest
+
+
+def _remember(real: str, st: os.stat_result, snapshot_dir: Path, digest: str) -> None:
+    with SafeDir.open(snapshot_dir / SOURCES) as folder:
+        folder.write(_source_key(real, st), f"{digest}\n".encode())
 
 
 def sha256_file(path: Path) -> str:
@@ -64,7 +106,10 @@ def snapshot(source: Path, snapshot_dir: Path, *, roots: Roots | None = None,
         raise CorruptSafetensors(f"{expected.size} bytes but the header accounts for {expected.expected_size}")
     with SafeDir.open(snapshot_dir) as folder, folder.staged(source.name) as (tmp, handle):
         with open_regular(source, roots, max_bytes=limits.nbytes("checkpoint_gb")) as reader:
+            real = fd_path(reader.fileno()) or os.path.realpath(source)
+            before = os.fstat(reader.fileno())
             _copy(reader.fileno(), handle.fileno(), expected.size)
+            after = os.fstat(reader.fileno())
         handle.flush()
         kept = snapshot_dir / tmp
         copied = inspect(kept, limits=limits)
@@ -80,6 +125,9 @@ def snapshot(source: Path, snapshot_dir: Path, *, roots: Roots | None = None,
             os.utime(final, dir_fd=folder.fd)  # newly needed again: not old enough to prune
         else:
             folder.replace(tmp, final)
+    if (before.st_size, before.st_mtime_ns, before.st_ctime_ns) == (after.st_size, after.st_mtime_ns,
+                                                                    after.st_ctime_ns):
+        _remember(real, after, snapshot_dir, digest)
     return snapshot_dir / final, digest
 
 
@@ -91,6 +139,11 @@ def prune(snapshot_dir: Path, keep: set[str], *, min_age_seconds: float, now: fl
     removed = []
     if not snapshot_dir.is_dir():
         return removed
+    memos = snapshot_dir / SOURCES
+    for memo in memos.iterdir() if memos.is_dir() else ():
+        with contextlib.suppress(FileNotFoundError):  # another worker sharing state_dir was first
+            if now - memo.stat().st_mtime > _SOURCE_DAYS * 86400:
+                memo.unlink()
     for path in snapshot_dir.iterdir():
         if path.name.startswith(".") or path.stem in keep:
             continue

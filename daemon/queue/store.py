@@ -327,6 +327,14 @@ class JobStore:
 
     # -- reads -------------------------------------------------------------------------------
 
+    def existing_keys(self, keys: Iterable[str]) -> set[str]:
+        """Those of `keys` that name a job, in any state."""
+        keys, found = list(keys), set()
+        with self._read() as conn:
+            for start in range(0, len(keys), 500):  # within every backend's limit on bound parameters
+                found.update(conn.scalars(sa.select(jobs.c.key).where(jobs.c.key.in_(keys[start:start + 500]))))
+        return found
+
     def get(self, job_id: int) -> Job | None:
         with self._read() as conn:
             row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).one_or_none()

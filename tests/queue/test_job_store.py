@@ -77,6 +77,14 @@ class StoreContract:
         store.create_schema()
         yield store
         assert_history_is_legal(store)
+
+    def test_existing_keys_are_those_of_jobs_in_any_state(self, store):
+        keys = [f"k{i}" for i in range(1200)]  # more than one batch of bound parameters
+        for key in keys[:3]:
+            store.enqueue(key=key, payload={}, model="m", group="g")
+        store.cancel([store.list_jobs()[0].id])
+        assert store.existing_keys(keys + ["other"]) == {"k0", "k1", "k2"}
+        assert store.existing_keys([]) == set()
         store.close()
 
     # -- enqueue -----------------------------------------------------------------------------

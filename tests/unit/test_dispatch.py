@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from previewd import snapshots
 from previewd.config import load_config
 from previewd.dispatch import Dispatcher
 from previewd.inbox import Outcome
@@ -60,6 +61,26 @@ def test_checkpoint_of_a_run_queues_one_job_per_sample_prompt(setup):
     dispatcher.handle(ckpt)
     dispatcher.handle(run / "config.yaml")
     assert len(store.list_jobs()) == 2
+
+
+def test_a_restart_does_not_copy_checkpoints_whose_jobs_are_known_but_a_new_prompt_does(setup, monkeypatch):
+    config, store, dispatcher = setup
+    run = _run(config)
+    ckpt = _checkpoint(run / "example_lora_000000250.safetensors")
+    dispatcher.handle(ckpt)
+    [snap] = {Path(RenderTask.model_validate(j.payload).spec.lora.path) for j in store.list_jobs()}
+    snap.unlink()  # its jobs done, the snapshot pruned
+    copies = []
+    real_snapshot = snapshots.snapshot
+    monkeypatch.setattr(snapshots, "snapshot", lambda *a, **k: copies.append(a[0]) or real_snapshot(*a, **k))
+    restarted = Dispatcher(config, store)
+    assert restarted.handle(ckpt) is Outcome.DONE and restarted.handle(run / "config.yaml") is Outcome.DONE
+    assert copies == [] and not snap.exists() and len(store.list_jobs()) == 2
+    # A prompt added to the run: its job needs the copy, which is made again (the same content).
+    text = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(text.replace('--seed 7"\n', '--seed 7"\n          - "a third one"\n'))
+    assert restarted.handle(run / "config.yaml") is Outcome.DONE
+    assert copies == [ckpt] and snap.is_file() and len(store.list_jobs()) == 3
 
 
 def test_final_checkpoint_takes_its_step_from_the_header(setup):

@@ -7,7 +7,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from previewd.intake.safetensors_header import CorruptSafetensors
-from previewd.snapshots import prune, snapshot
+from previewd.snapshots import prune, recall, snapshot
 
 
 def _lora(path, value=1.0):
@@ -27,7 +27,40 @@ def test_snapshot_survives_the_trainer_deleting_the_checkpoint(tmp_path):
     assert snap.read_bytes() == data
     again, same = snapshot(snap, tmp_path / "snaps")
     assert (again, same) == (snap, digest)
-    assert [p.name for p in (tmp_path / "snaps").iterdir()] == [snap.name]  # no temporary left behind
+    assert sorted(p.name for p in (tmp_path / "snaps").iterdir()) == [".sources", snap.name]  # no temporary left
+
+
+def test_an_unchanged_checkpoint_is_recalled_without_reading_it_and_a_rewritten_one_is_not(tmp_path):
+    source = tmp_path / "run" / "lora_000000250.safetensors"
+    _lora(source)
+    assert recall(source, tmp_path / "snaps") is None
+    snap, digest = snapshot(source, tmp_path / "snaps")
+    snap.unlink()  # pruned once its jobs were done: the hash is still known
+    assert recall(source, tmp_path / "snaps") == (snap, digest)
+    time.sleep(0.05)  # past the kernel's coarse clock tick, so that the ctime can change
+    os.chmod(source, 0o644)  # a change of the inode's metadata (ctime): no longer known
+    assert recall(source, tmp_path / "snaps") is None
+    snapshot(source, tmp_path / "snaps")
+    assert recall(source, tmp_path / "snaps") is not None
+    before = os.stat(source)
+    time.sleep(0.05)
+    with open(source, "r+b") as handle:  # rewritten in place (a resumed run), its old mtime restored
+        handle.seek(-4, os.SEEK_END)
+        handle.write(np.float32(2.0).tobytes())
+    os.utime(source, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert os.stat(source).st_mtime_ns == before.st_mtime_ns
+    assert recall(source, tmp_path / "snaps") is None
+
+
+def test_memos_of_long_gone_checkpoints_are_pruned(tmp_path):
+    source = tmp_path / "lora_000000250.safetensors"
+    _lora(source)
+    snapshot(source, tmp_path / "snaps")
+    [memo] = (tmp_path / "snaps" / ".sources").iterdir()
+    prune(tmp_path / "snaps", set(), min_age_seconds=0, now=time.time() + 89 * 86400)
+    assert memo.exists()
+    prune(tmp_path / "snaps", set(), min_age_seconds=0, now=time.time() + 91 * 86400)
+    assert not memo.exists()
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
