@@ -364,11 +364,7 @@ class SafeDir:
             if exc.errno == errno.ELOOP:
                 raise UnsafeFolder(f"{shown(self.path / name)}: a symbolic link; not followed") from None
             raise
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            os.close(fd)
-            raise UnsafeFolder(f"{shown(self.path / name)}: {kind(mode)}, not a regular file")
-        os.set_blocking(fd, True)
+        os.set_blocking(self._regular(fd, name), True)
         return os.fdopen(fd, "rb")
 
     def write(self, name: str, data: bytes) -> None:
@@ -415,10 +411,14 @@ class SafeDir:
             if exc.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
                 raise UnsafeFolder(f"{shown(self.path / name)}: not a regular file; not used") from None
             raise
+        return self._regular(fd, name, "; not used")
+
+    def _regular(self, fd: int, name: str, note: str = "") -> int:
+        """`fd` if it is a regular file; else closed, and refused."""
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
             os.close(fd)
-            raise UnsafeFolder(f"{shown(self.path / name)}: {kind(mode)}, not a regular file; not used")
+            raise UnsafeFolder(f"{shown(self.path / name)}: {kind(mode)}, not a regular file{note}")
         return fd
 
     @contextlib.contextmanager
