@@ -41,5 +41,11 @@ class Quantization:
         return cls(transformer=options.qtype if options.quantize else None,
                    ara=options.ara if options.quantize else None, text_encoder=text_encoder)
 
+    def refusals(self, spec: RenderSpec, source: ModelSource) -> list[str]:
+        """Why a pipeline loaded with this quantisation cannot render `spec` (empty: it can)."""
+        wanted = Quantization.of(spec, source)
+        return [] if wanted == self else [f"quantization: this pipeline is loaded with {self.describe()}, the render "
+                                          f"asks for {wanted.describe()}"]
+
     def describe(self) -> dict[str, str | None]:
         return {"transformer": self.transformer, "ara": self.ara, "text_encoder": self.text_encoder}

@@ -224,10 +224,7 @@ class Flux2Preview:
 
     def check_inputs(self, spec: RenderSpec) -> _Call:
         """Refuse what cannot render; seed, size floored to the divisor, reference images opened."""
-        wanted = Quantization.of(spec, self.source)
-        check_spec(spec, self.model_id, [] if wanted == self.quantization else [
-            f"quantization: this pipeline is loaded with {self.quantization.describe()}, the render asks for "
-            f"{wanted.describe()}"])
+        check_spec(spec, self.model_id, self.quantization.refusals(spec, self.source))
         return _Call(seed=secrets.randbelow(_SEED_LIMIT) if spec.seed == -1 else spec.seed,
                      width=snap(spec.width, self.divisor), height=snap(spec.height, self.divisor),
                      references=control_images(spec))

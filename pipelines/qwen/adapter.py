@@ -240,11 +240,7 @@ class _QwenPreview:
 
     def check(self, spec: RenderSpec) -> None:
         """Refuse what cannot render, before anything loads."""
-        wanted = Quantization.of(spec, self.source)
-        mismatch = [] if wanted == self.quantization else [
-            f"quantization: this pipeline is loaded with {self.quantization.describe()}, the render asks for "
-            f"{wanted.describe()}"]
-        check_spec(spec, self.model_id, self._control_problems(spec) + mismatch)
+        check_spec(spec, self.model_id, self._control_problems(spec) + self.quantization.refusals(spec, self.source))
         if spec.lora is not None and not os.path.isfile(spec.lora.path):
             raise LoraError(f"{spec.lora.path}: LoRA file not found")
 

@@ -138,3 +138,7 @@ def test_the_quantisation_a_render_needs():
     assert Quantization.of(quantised, source) == Quantization(transformer="uint3", ara="a/b/c.safetensors")
     reference = quantised.model_copy(update={"parity": "reference"})
     assert Quantization.of(reference, source) == Quantization(text_encoder="qfloat8")
+    loaded = Quantization(text_encoder="qfloat8")
+    assert loaded.refusals(spec, source) == [] and loaded.refusals(reference, source) == []
+    [refusal] = loaded.refusals(quantised, source)
+    assert refusal.startswith("quantization: this pipeline is loaded with") and "'uint3'" in refusal
