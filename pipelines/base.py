@@ -5,12 +5,13 @@ Adapters know nothing of queues or outboxes. Torch-free: `previewd.pipelines` im
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable
 from typing import Callable, Protocol
 
 from previewd.catalog import validate_spec
-from previewd.errors import PipelineError
+from previewd.errors import LoraError, PipelineError
 from previewd.pipelines.quantization import Quantization
 from previewd.spec import ModelSource, RenderResult, RenderSpec
 
@@ -44,7 +45,7 @@ def check_spec(spec: RenderSpec, model_id: str, problems: Iterable[str] = ()) ->
     """Refuse what the adapter for `model_id` cannot render, before anything loads.
 
     Raises PipelineError naming the catalogue's problems with `spec`, a model mismatch and the
-    adapter's own `problems`.
+    adapter's own `problems`; LoraError when its LoRA file is not there.
     """
     found = validate_spec(spec)
     if spec.model != model_id:
@@ -52,6 +53,8 @@ def check_spec(spec: RenderSpec, model_id: str, problems: Iterable[str] = ()) ->
     found += problems
     if found:
         raise PipelineError(f"cannot render {spec.model}: " + "; ".join(found))
+    if spec.lora is not None and not os.path.isfile(spec.lora.path):
+        raise LoraError(f"{spec.lora.path}: LoRA file not found")
 
 
 class Stopwatch:

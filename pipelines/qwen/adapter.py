@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -32,7 +31,7 @@ from PIL import Image
 
 from previewd.catalog import MODELS, snap
 from previewd.config import MemoryConfig
-from previewd.errors import LoraError, NonFiniteOutput, PipelineError, RenderInterrupted
+from previewd.errors import NonFiniteOutput, PipelineError, RenderInterrupted
 from previewd.pipelines import adapter_class
 from previewd.pipelines import device as devices
 from previewd.pipelines.base import StepCallback, StopCheck, Stopwatch, check_spec
@@ -241,8 +240,6 @@ class _QwenPreview:
     def check(self, spec: RenderSpec) -> None:
         """Refuse what cannot render, before anything loads."""
         check_spec(spec, self.model_id, self._control_problems(spec) + self.quantization.refusals(spec, self.source))
-        if spec.lora is not None and not os.path.isfile(spec.lora.path):
-            raise LoraError(f"{spec.lora.path}: LoRA file not found")
 
     def _control_problems(self, spec: RenderSpec) -> list[str]:
         problems = []

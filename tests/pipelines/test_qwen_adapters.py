@@ -340,12 +340,14 @@ def test_too_small_size_is_refused_before_loading(workdir):
     assert adapter.pipe is None
 
 
-def test_missing_lora_file_is_refused_before_loading(workdir):
-    adapter = create("qwen_image_2512", ModelSource(path=str(workdir / "never-loaded")), device="cpu",
-                     dtype="float32")
+@pytest.mark.parametrize("model_id", ["qwen_image_2512", "flux2"])
+def test_missing_lora_file_is_refused_before_loading(workdir, model_id):
+    adapter = create(model_id, ModelSource(path=str(workdir / "never-loaded")), device="cpu", dtype="float32")
+    spec = RenderSpec(model=model_id, prompt="a red fox", width=64, height=64, sample_steps=2,
+                      lora=LoraSpec(path=str(workdir / "gone.safetensors")))
     with pytest.raises(LoraError, match="not found"):
-        adapter.render(_spec("qwen_image_2512", workdir, lora=LoraSpec(path=str(workdir / "gone.safetensors"))))
-    assert adapter.pipe is None
+        adapter.render(spec)
+    assert getattr(adapter, "pipe", None) is None and getattr(adapter, "transformer", None) is None
 
 
 def test_progress_and_stop(adapters, workdir):
