@@ -4,6 +4,8 @@ adapters: what each placement costs on this machine.
     .venv/bin/python bench/gpu.py                               # every model, every placement that fits
     .venv/bin/python bench/gpu.py --model qwen_image_2512 --placement te_offload
     .venv/bin/python bench/gpu.py --smoke                       # CPU, tiny shapes, seconds (CI)
+    python3 bench/gpu.py --pair qwen_image_2512:resident --pair flux2:resident --budget-seconds 420
+                                                                # what fits a short lease, in this order
 
 The architectures are the released ones (previewd.pipelines.real_configs); no weights are downloaded:
 each component is initialised randomly where the memory plan puts it. LoRAs are random too, in
@@ -30,14 +32,16 @@ from safetensors.torch import save_file
 from previewd import pipelines
 from previewd.catalog import MODELS
 from previewd.config import PLACEMENTS
-from previewd.pipelines.memory import COMPONENTS, GiB, MemorySettings, choose, measure_configs
+from previewd.pipelines.memory import COMPONENTS, GiB, MemorySettings, choose, measure_configs, quantization_precision
+from previewd.pipelines.quantization import Quantization
 from previewd.pipelines.real_configs import build, real_config
-from previewd.spec import MODEL_IDS, ControlImage, LoraSpec, ModelSource, RenderSpec
+from previewd.spec import MODEL_IDS, AitkOptions, ControlImage, LoraSpec, ModelSource, RenderSpec
 
 PROMPTS = ("a red fox sitting in fresh snow, golden hour", "a lighthouse on a cliff at dusk",
            "a bowl of ramen on a wooden table, steam rising", "an astronaut reading a newspaper on the moon")
 SMOKE_PLACEMENTS = ("resident", "te_offload")
-"""On the CPU the device and host memory are one: the other placements' hooks need a GPU to mean anything."""
+"""On the CPU the device and host memory are one: the other placements' hooks need a GPU to mean anything
+(`--smoke --device cuda` runs them all, at tiny shapes: every GPU-only code path in seconds)."""
 
 
 # -- the models -------------------------------------------------------------------------------
@@ -132,11 +136,15 @@ def controls(model_id: str, folder: Path, size: int) -> tuple[ControlImage, ...]
 class Run:
     def __init__(self, args, model_id: str, placement: str, folder: Path):
         self.args, self.model_id, self.placement, self.folder = args, model_id, placement, folder
-        self.device = "cpu" if args.smoke else args.device
-        self.dtype_name = "float32" if args.smoke else "bfloat16"
+        self.device = args.device
+        self.dtype_name = "float32" if args.smoke and args.device == "cpu" else "bfloat16"
         self.dtype = getattr(torch, self.dtype_name)
         self.configs = component_configs(model_id, args.smoke)
         self.sizes = measure_configs(model_id, self.configs, self.dtype_name)
+        # As ai-toolkit's qfloat8 runs sample: transformer and text encoder in qfloat8, the LoRA a runtime branch.
+        self.quantization = Quantization(transformer=args.quantize, text_encoder=args.quantize)
+        self.aitk = AitkOptions(quantize=True, qtype=args.quantize, quantize_te=True, qtype_te=args.quantize) \
+            if args.quantize else AitkOptions()
 
     def plan(self):
         """The plan for this placement, on this device's whole memory."""
@@ -144,11 +152,11 @@ class Run:
         settings = MemorySettings(budget_bytes=total or 10 ** 15, placement=self.placement)
         # Planned as for a GPU even in --smoke, so that the plan carries the placement asked for.
         return choose(self.model_id, self.sizes, device="cuda", dtype=self.dtype_name, settings=settings,
-                      lora_rank=self.args.rank)
+                      run_precision=quantization_precision(self.quantization), lora_rank=self.args.rank)
 
     def adapter(self, plan):
         adapter = pipelines.create(self.model_id, ModelSource(path=str(self.folder)), device=self.device,
-                                   dtype=self.dtype_name)
+                                   dtype=self.dtype_name, quantization=self.quantization)
         adapter.plan = plan
         adapter.prebuilt = builder(adapter, self.configs, self.dtype)
         return adapter
@@ -156,7 +164,7 @@ class Run:
     def spec(self, prompt: str, lora: Path, steps: int) -> RenderSpec:
         size = self.args.size
         return RenderSpec(model=self.model_id, prompt=prompt, width=size, height=size, sample_steps=steps, seed=1,
-                          control_images=controls(self.model_id, self.folder, size),
+                          control_images=controls(self.model_id, self.folder, size), aitk=self.aitk,
                           lora=LoraSpec(path=str(lora), sha256=lora.stem))
 
     def measure(self) -> dict:
@@ -164,7 +172,7 @@ class Run:
         plan = self.plan()
         result = {"model": self.model_id, "placement": self.placement, "device": self.device,
                   "dtype": self.dtype_name, "size": args.size, "steps": args.steps, "lora_rank": args.rank,
-                  "planned_peak_gib": round(plan.peak_bytes / GiB, 2), "smoke": args.smoke}
+                  "quantize": args.quantize, "planned_peak_gib": round(plan.peak_bytes / GiB, 2), "smoke": args.smoke}
         if not plan.fits:
             return {**result, "skipped": f"planned peak {plan.peak_bytes / GiB:.1f} GiB does not fit this device"}
         loras = write_loras(self.model_id, self.configs["transformer"], self.folder, args.checkpoints, args.rank)
@@ -180,6 +188,7 @@ class Run:
         result["render_s"] = time.perf_counter() - started
         switched = adapter.render(self.spec(PROMPTS[0], loras[1], args.steps))
         result["lora_switch_s"] = switched.timings["lora"]
+        result["rendered_as"] = {"quantization": switched.record.get("quantization"), "lora": switched.record.get("lora")}
         result["sweep"] = self.sweep(adapter, loras)
         if self.device.startswith("cuda"):
             result["peak_device_gib"] = torch.cuda.max_memory_allocated(self.device) / GiB
@@ -228,18 +237,25 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", choices=MODEL_IDS)
     parser.add_argument("--placement", action="append", choices=PLACEMENTS)
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, for CI")
+    parser.add_argument("--device", help="default: cuda; cpu with --smoke")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes (on the CPU unless --device cuda), for CI")
     parser.add_argument("--size", type=int)
     parser.add_argument("--steps", type=int)
     parser.add_argument("--sweep-steps", type=int, help="steps of the sweep's images")
     parser.add_argument("--checkpoints", type=int)
     parser.add_argument("--prompts", type=int, choices=range(1, len(PROMPTS) + 1))
     parser.add_argument("--rank", type=int, help="LoRA rank (default 32; 4 with --smoke)")
+    parser.add_argument("--quantize", choices=["qfloat8"],
+                        help="render as ai-toolkit samples a qfloat8 run (transformer and text encoder)")
+    parser.add_argument("--pair", action="append", metavar="MODEL:PLACEMENT", type=_pair,
+                        help="run these (model, placement) pairs, in this order, instead of --model x --placement")
+    parser.add_argument("--budget-seconds", type=float,
+                        help="stop a pair that would run past this many seconds from the start, and skip the rest")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     defaults = dict(size=64, steps=2, sweep_steps=2, checkpoints=3, prompts=2, rank=4) if args.smoke else \
         dict(size=1024, steps=25, sweep_steps=8, checkpoints=10, prompts=4, rank=32)
+    defaults["device"] = "cpu" if args.smoke else "cuda"
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -247,22 +263,47 @@ def main() -> int:
         _one(args)
         return 0
     models = args.model or [m for m in MODEL_IDS if m != "qwen_image"]
-    placements = args.placement or (SMOKE_PLACEMENTS if args.smoke else PLACEMENTS)
+    cpu_smoke = args.smoke and not args.device.startswith("cuda")
+    placements = args.placement or (SMOKE_PLACEMENTS if cpu_smoke else PLACEMENTS)
+    pairs = args.pair or [(m, p) for m in models for p in placements]
+    deadline = time.monotonic() + args.budget_seconds if args.budget_seconds else None
     failed = 0
-    for model_id in models:
-        for placement in placements:
-            command = [sys.executable, __file__, "--one", "--model", model_id, "--placement", placement,
-                       "--device", args.device, "--size", str(args.size), "--steps", str(args.steps),
-                       "--sweep-steps", str(args.sweep_steps), "--checkpoints", str(args.checkpoints),
-                       "--prompts", str(args.prompts), "--rank", str(args.rank)] + (["--smoke"] if args.smoke else [])
-            done = subprocess.run(command, capture_output=True, text=True)
-            if done.returncode:
-                failed += 1
-                print(json.dumps({"model": model_id, "placement": placement, "error": done.stderr[-2000:]}),
-                      flush=True)
-            else:
-                print(done.stdout.strip(), flush=True)
+    for model_id, placement in pairs:
+        command = [sys.executable, __file__, "--one", "--model", model_id, "--placement", placement,
+                   "--device", args.device, "--size", str(args.size), "--steps", str(args.steps),
+                   "--sweep-steps", str(args.sweep_steps), "--checkpoints", str(args.checkpoints),
+                   "--prompts", str(args.prompts), "--rank", str(args.rank)] + (["--smoke"] if args.smoke else []) + \
+                  (["--quantize", args.quantize] if args.quantize else [])
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            print(json.dumps({"model": model_id, "placement": placement, "skipped": "out of --budget-seconds"}),
+                  flush=True)
+            continue
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=left)
+        except subprocess.TimeoutExpired as exc:
+            failed += 1
+            print(json.dumps({"model": model_id, "placement": placement, "error": "ran past --budget-seconds",
+                              "stderr": _text(exc.stderr)[-2000:]}), flush=True)
+            continue
+        if done.returncode:
+            failed += 1
+            print(json.dumps({"model": model_id, "placement": placement, "error": done.stderr[-2000:]}), flush=True)
+        else:
+            print(done.stdout.strip(), flush=True)
     return 1 if failed else 0
+
+
+def _pair(text: str) -> tuple[str, str]:
+    model_id, _, placement = text.partition(":")
+    if model_id not in MODEL_IDS or placement not in PLACEMENTS:
+        raise argparse.ArgumentTypeError(f"{text!r}: MODEL:PLACEMENT, models {', '.join(MODEL_IDS)}, placements "
+                                         f"{', '.join(PLACEMENTS)}")
+    return model_id, placement
+
+
+def _text(output: bytes | str | None) -> str:
+    return output.decode(errors="replace") if isinstance(output, bytes) else output or ""
 
 
 if __name__ == "__main__":
