@@ -92,15 +92,24 @@ class Placer:
     def _group_offload(self, transformer, text_encoder) -> None:
         from diffusers.hooks import apply_group_offloading
 
-        # A CUDA stream overlaps the copy of the next group with the current one's compute.
-        stream = self.device.startswith("cuda")
         apply_group_offloading(transformer, onload_device=torch.device(self.device),
                                offload_device=torch.device(OFFLOAD_DEVICE), offload_type="block_level",
-                               num_blocks_per_group=1, use_stream=stream)
+                               num_blocks_per_group=1, use_stream=self._streams(transformer))
         # The text encoder's layers sit below its top level: stream it leaf by leaf.
         apply_group_offloading(text_encoder, onload_device=torch.device(self.device),
                                offload_device=torch.device(OFFLOAD_DEVICE), offload_type="leaf_level",
-                               use_stream=stream)
+                               use_stream=self._streams(text_encoder))
+
+    def _streams(self, module: torch.nn.Module) -> bool:
+        """A CUDA stream overlaps the copy of the next group with the current one's compute. Not for
+        optimum-quanto weights: the stream keeps pinned host copies made with pin_memory(), which quanto
+        does not dispatch and answers with a dequantised bf16 tensor (twice the bytes, and no longer
+        the qfloat8 weight that was sampled with); plain moves keep its tensors whole."""
+        if not self.device.startswith("cuda"):
+            return False
+        from optimum.quanto import QTensor
+
+        return not any(isinstance(param, QTensor) for param in module.parameters())
 
     # -- during a render ------------------------------------------------------------------------
 

@@ -139,3 +139,16 @@ def test_the_weights_are_unreachable_when_memory_is_freed_after_an_out_of_memory
     assert seen == [True]
     gc.collect()
     assert transformer() is None
+
+
+def test_group_offload_streams_plain_weights_and_moves_quanto_ones_whole():
+    from optimum.quanto import freeze, qfloat8, quantize
+
+    from previewd.pipelines.placement import Placer
+
+    plain, quantised = torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)
+    quantize(quantised, weights=qfloat8)
+    freeze(quantised)
+    on_gpu = Placer(None, "cuda:0")  # constructing one touches no device
+    assert on_gpu._streams(plain) and not on_gpu._streams(quantised)
+    assert not Placer(None, "cpu")._streams(plain)
