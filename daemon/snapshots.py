@@ -56,9 +56,11 @@ def recall(source: Path, snapshot_dir: Path) -> tuple[Path, str] | None:
         return None
     if not _DIGEST.fullmatch(digest):
         return None
-    with contextlib.suppress(OSError):  # e.g. another host's, in a state_dir they share
-        os.utime(memo)  # still in use: not old enough to prune
-    return snapshot_dir / f"{digest}{source.suffix}", digest
+    snap = snapshot_dir / f"{digest}{source.suffix}"
+    for used in (memo, snap):  # still in use: not old enough to prune, as snapshot() does
+        with contextlib.suppress(OSError):  # the snapshot pruned; another host's file in a shared state_dir
+            os.utime(used)
+    return snap, digest
 
 
 def _remember(real: str, st: os.stat_result, snapshot_dir: Path, digest: str) -> None:

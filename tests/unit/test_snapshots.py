@@ -35,6 +35,10 @@ def test_an_unchanged_checkpoint_is_recalled_without_reading_it_and_a_rewritten_
     _lora(source)
     assert recall(source, tmp_path / "snaps") is None
     snap, digest = snapshot(source, tmp_path / "snaps")
+    os.utime(snap, (1, 1))
+    assert recall(source, tmp_path / "snaps") == (snap, digest)
+    # Needed again, so touched (the pruner reads the ctime a touch sets; the mtime shows it happened).
+    assert time.time() - snap.stat().st_mtime < 60
     snap.unlink()  # pruned once its jobs were done: the hash is still known
     assert recall(source, tmp_path / "snaps") == (snap, digest)
     time.sleep(0.05)  # past the kernel's coarse clock tick, so that the ctime can change
