@@ -236,6 +236,8 @@ def parse_yaml(text: str, limits: LimitsConfig) -> Any:
     except DocumentLimit:
         raise
     except yaml.YAMLError as exc:
+        if "maximum nesting depth" in str(exc):  # libyaml's own limit (1000) may meet a document first
+            raise DocumentLimit(f"nested deeper than {limits.max_depth} levels (limits.max_depth)") from None
         raise yaml.YAMLError(_one_line(exc)) from None
 
 
