@@ -26,6 +26,11 @@ for quantize in "" "--quantize qfloat8"; do
     python3 bench/gpu.py --smoke --device cuda --model qwen_image_2512 --model flux2 $quantize \
         2>&1 | tee -a "$OUT/smoke.jsonl"
 done
+# The daemon itself on the GPU (device auto: cuda here): the README's first command, tiny models.
+rm -rf /tmp/demo && timeout 150 python3 -m previewd init /tmp/demo --tiny --example >/dev/null \
+    && timeout 150 python3 -m previewd run -c /tmp/demo/config.yaml --exit-when-idle > "$OUT/daemon.log" 2>&1
+echo "daemon exit $?; $(ls /tmp/demo/inbox/example_lora/previews /tmp/demo/outbox/example_request 2>/dev/null | grep -c png) png" \
+    | tee -a "$OUT/machine.txt"
 left=$((BUDGET - (SECONDS - started)))
 # Real size: 1024², 25 steps per timed image; the sweep is 3 checkpoints x 2 prompts at 8 steps.
 python3 bench/gpu.py --budget-seconds "$left" --checkpoints 3 --prompts 2 --sweep-steps 8 \
