@@ -18,7 +18,7 @@ from previewd.logs import setup_logging
 
 log = logging.getLogger("previewd")
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILURE = 0, 1
 
 
 

@@ -62,11 +62,6 @@ def setup_logging(level: str, stream: TextIO = sys.stderr) -> None:
     logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler], force=True)
 
 
-def interactive() -> bool:
-    """Progress bars only make sense on a terminal."""
-    return sys.stderr.isatty()
-
-
 @contextlib.contextmanager
 def still_busy(logger: logging.Logger, what: str, every: float = 30.0) -> Iterator[None]:
     """Log "still <what> (N s)" every `every` seconds while the block runs: a model load shows a

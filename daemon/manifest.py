@@ -17,7 +17,6 @@ MANIFEST_VERSION = 2
 # wrote may carry more, and is still read.
 
 AxisName = Literal["checkpoint", "prompt", "strength", "seed"]
-AXES: tuple[str, ...] = AxisName.__args__  # type: ignore[attr-defined]
 BASE_ROW = "base"
 """Row key of renders on the base model (no LoRA)."""
 

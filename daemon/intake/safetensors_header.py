@@ -151,23 +151,10 @@ def read_header(path: str | os.PathLike[str], *, roots: Roots | None = None,
                 limits: LimitsConfig = DEFAULT_LIMITS) -> tuple[dict[str, Any], dict[str, str]]:
     """(tensor entries, `__metadata__`) of a safetensors file; raises `SafetensorsHeaderError`.
 
-    Only the header is checked here; use `is_complete` to know whether the data is all there.
+    Only the header is checked here; `inspect(...).complete` says whether the data is all there.
     """
     found = inspect(path, roots=roots, limits=limits)
     return found.tensors, found.metadata
-
-
-def is_complete(path: str | os.PathLike[str], *, roots: Roots | None = None,
-                limits: LimitsConfig = DEFAULT_LIMITS) -> bool:
-    """True when size == 8 + header length + end of the last tensor.
-
-    False while the file is still short (being written); raises `CorruptSafetensors` when it can
-    never become valid (bad header, or more bytes than the header accounts for).
-    """
-    try:
-        return inspect(path, roots=roots, limits=limits).complete
-    except TruncatedSafetensors:
-        return False
 
 
 def lora_problems(tensors: dict[str, Any]) -> list[str]:

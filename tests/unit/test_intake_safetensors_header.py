@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from previewd.intake.safetensors_header import (CorruptSafetensors, TruncatedSafetensors, is_complete,
-                                                read_header)
+from previewd.intake.safetensors_header import CorruptSafetensors, TruncatedSafetensors, inspect, read_header
 
 
 @pytest.fixture
@@ -21,23 +20,24 @@ def test_complete_file(checkpoint):
     header, metadata = read_header(checkpoint)
     assert set(header) == {"a.lora_A.weight", "a.lora_B.weight"}
     assert json.loads(metadata["training_info"])["step"] == 250
-    assert is_complete(checkpoint)
+    assert inspect(checkpoint).complete
 
 
 @pytest.mark.parametrize("keep", [0, 5, 8, 20, -1])
 def test_truncated_file_is_incomplete(checkpoint, keep):
     data = checkpoint.read_bytes()
     checkpoint.write_bytes(data[:keep] if keep >= 0 else data[:-1])
-    assert is_complete(checkpoint) is False
-    if 0 <= keep <= 20:
+    if 0 <= keep <= 20:  # not even the whole header yet
         with pytest.raises(TruncatedSafetensors):
             read_header(checkpoint)
+    else:
+        assert inspect(checkpoint).complete is False
 
 
 def test_trailing_bytes_are_corrupt(checkpoint):
     checkpoint.write_bytes(checkpoint.read_bytes() + b"\0")
     with pytest.raises(CorruptSafetensors, match="accounts for"):
-        is_complete(checkpoint)
+        inspect(checkpoint)
 
 
 @pytest.mark.parametrize("blob", [b"not json!", b"[1, 2]", json.dumps({"t": {"data_offsets": [4, 2]}}).encode()])
@@ -52,4 +52,4 @@ def test_absurd_header_length(tmp_path):
     path = tmp_path / "x.safetensors"
     path.write_bytes(b"PK\x03\x04" + b"\xff" * 60)  # e.g. a zip/pickle renamed to .safetensors
     with pytest.raises(CorruptSafetensors, match="limits.header_mb"):
-        is_complete(path)
+        inspect(path)
