@@ -41,10 +41,6 @@ class LoraWeights:
     source_format: str = "peft"
     metadata: dict[str, str] = field(default_factory=dict)
 
-    def signature(self) -> tuple:
-        """Key names and shapes: two files with the same signature can be hot-swapped."""
-        return tuple(sorted((k, tuple(v.shape)) for k, v in self.state_dict.items()))
-
 
 def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """All tensors (on CPU) and the header metadata of a safetensors file."""
