@@ -99,20 +99,23 @@ class Dispatcher:
         (changed meanwhile, non-finite weights) is rejected beside it, and its tasks dropped; a
         request naming it is rejected as a whole."""
         write_missing(plan.assets)
-        originals = {task.spec.lora.path for task in plan.tasks
-                     if task.spec.lora is not None and task.spec.lora.sha256 is None}
-        snaps = {path: snapshots.recall(Path(path), self._config.snapshot_dir) for path in sorted(originals)}
-        for path, known in snaps.items():
-            if known is None:
+        originals = sorted({task.spec.lora.path for task in plan.tasks
+                            if task.spec.lora is not None and task.spec.lora.sha256 is None})
+        snaps: dict[str, tuple[Path, str] | None] = {}
+        pruned = set()  # recalled, but the copy is gone (its jobs were done)
+        for path in originals:
+            snaps[path] = snapshots.recall(Path(path), self._config.snapshot_dir)
+            if snaps[path] is None:
                 snaps[path] = self._snapshot(Path(path), plan)
+            elif not snaps[path][0].is_file():
+                pruned.add(path)
         tasks = self._with_snapshots(plan, snaps)
-        named = [(task, original) for task, original in tasks if original is not None]
-        existing = self._store.existing_keys(task.idempotency_key() for task, _ in named) if named else set()
-        stale = {original for task, original in named
-                 if task.idempotency_key() not in existing and not Path(task.spec.lora.path).is_file()}
-        if stale:  # recalled, but its copy is pruned and a new job needs one
-            snaps.update({path: self._snapshot(Path(path), plan) for path in sorted(stale)})
-            tasks = self._with_snapshots(plan, snaps)
+        if pruned:  # copied again only for a job not queued yet
+            keys = {task.idempotency_key(): original for task, original in tasks if original in pruned}
+            needed = {keys[key] for key in keys.keys() - self._store.existing_keys(keys)}
+            if needed:
+                snaps.update({path: self._snapshot(Path(path), plan) for path in sorted(needed)})
+                tasks = self._with_snapshots(plan, snaps)
         if plan.request and any(snap is None for snap in snaps.values()):
             plan.accepted.clear()
             return []

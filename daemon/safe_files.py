@@ -94,7 +94,7 @@ def _roots(roots: Roots | Sequence[str | os.PathLike[str]] | None) -> Roots:
     return roots if isinstance(roots, Roots) else Roots(roots)
 
 
-def fd_path(fd: int) -> str | None:
+def _fd_path(fd: int) -> str | None:
     try:
         return os.readlink(f"/proc/self/fd/{fd}")
     except OSError:  # no /proc: the realpath check before the open stands alone
@@ -134,7 +134,7 @@ def open_regular(path: str | os.PathLike[str], roots: Roots | Sequence[str | os.
         raise
     try:
         after = os.fstat(fd)
-        opened = fd_path(fd)
+        opened = _fd_path(fd)
         if (after.st_dev, after.st_ino) != (before.st_dev, before.st_ino) or not stat.S_ISREG(after.st_mode):
             raise RefusedFile(path, "replaced while being opened")
         if opened is not None and not roots.within(opened):
@@ -318,7 +318,7 @@ class SafeDir:
             raise UnsafeFolder(f"{shown(path)}: leads out of the watched, allowed and output folders")
         fd = os.open(real, _DIR)
         try:
-            opened = fd_path(fd)
+            opened = _fd_path(fd)
             if opened is not None and not roots.within(opened):
                 raise UnsafeFolder(f"{shown(path)}: moved out of the allowed folders while being opened")
             for name in reversed(missing):

@@ -210,7 +210,7 @@ class Service:
         self._renderer.close()
         outbox.flush()  # the manifest, grid and page of the last renders
         try:
-            # Not into a database that is not ours, nor one start-up refused (a connection would create it).
+            # Not into a database that is not ours, nor after a start-up that never connected.
             if self._fatal is None and self._connected:
                 self._store.unregister_worker(self.worker_id)
         except DatabaseUnavailable as exc:

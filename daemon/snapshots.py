@@ -28,7 +28,7 @@ from pathlib import Path
 
 from previewd.config import LimitsConfig
 from previewd.intake.safetensors_header import CorruptSafetensors, inspect, nonfinite_tensors
-from previewd.safe_files import Roots, SafeDir, fd_path, open_regular
+from previewd.safe_files import Roots, SafeDir, open_regular
 
 _CHUNK = 1 << 20
 SOURCES = ".sources"
@@ -37,20 +37,20 @@ _SOURCE_DAYS = 90
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
-def _source_key(real: str, st: os.stat_result) -> str:
-    identity = f"{real}\0{st.st_dev}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}"
+def _source_key(source: Path, st: os.stat_result) -> str:
+    identity = (f"{os.path.realpath(source)}\0{st.st_dev}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}"
+                f"\0{st.st_ctime_ns}")
     return hashlib.sha256(identity.encode("utf-8", "surrogateescape")).hexdigest()[:40]
 
 
 def recall(source: Path, snapshot_dir: Path) -> tuple[Path, str] | None:
     """(snapshot path, sha256) of a checkpoint file snapshotted before and unchanged since, without
     reading it; None when unknown. The snapshot itself may have been pruned since."""
-    real = os.path.realpath(source)
     try:
-        st = os.lstat(real)
+        st = os.stat(source)
         if not stat.S_ISREG(st.st_mode):
             return None
-        memo = snapshot_dir / SOURCES / _source_key(real, st)
+        memo = snapshot_dir / SOURCES / _source_key(source, st)
         digest = memo.read_text().strip()
     except (OSError, UnicodeDecodeError):
         return None
@@ -63,9 +63,9 @@ def recall(source: Path, snapshot_dir: Path) -> tuple[Path, str] | None:
     return snap, digest
 
 
-def _remember(real: str, st: os.stat_result, snapshot_dir: Path, digest: str) -> None:
+def _remember(source: Path, st: os.stat_result, snapshot_dir: Path, digest: str) -> None:
     with SafeDir.open(snapshot_dir / SOURCES) as folder:
-        folder.write(_source_key(real, st), f"{digest}\n".encode())
+        folder.write(_source_key(source, st), f"{digest}\n".encode())
 
 
 def sha256_file(path: Path) -> str:
@@ -108,7 +108,6 @@ def snapshot(source: Path, snapshot_dir: Path, *, roots: Roots | None = None,
         raise CorruptSafetensors(f"{expected.size} bytes but the header accounts for {expected.expected_size}")
     with SafeDir.open(snapshot_dir) as folder, folder.staged(source.name) as (tmp, handle):
         with open_regular(source, roots, max_bytes=limits.nbytes("checkpoint_gb")) as reader:
-            real = fd_path(reader.fileno()) or os.path.realpath(source)
             before = os.fstat(reader.fileno())
             _copy(reader.fileno(), handle.fileno(), expected.size)
             after = os.fstat(reader.fileno())
@@ -129,7 +128,7 @@ def snapshot(source: Path, snapshot_dir: Path, *, roots: Roots | None = None,
             folder.replace(tmp, final)
     if (before.st_size, before.st_mtime_ns, before.st_ctime_ns) == (after.st_size, after.st_mtime_ns,
                                                                     after.st_ctime_ns):
-        _remember(real, after, snapshot_dir, digest)
+        _remember(source, after, snapshot_dir, digest)
     return snapshot_dir / final, digest
 
 

@@ -60,7 +60,7 @@ def test_size_is_capped_before_reading(root):
 
 def test_the_descriptor_is_checked_after_the_open(root, monkeypatch):
     (root / "a").write_text("x")
-    monkeypatch.setattr("previewd.safe_files.fd_path", lambda fd: "/elsewhere/a")
+    monkeypatch.setattr("previewd.safe_files._fd_path", lambda fd: "/elsewhere/a")
     with pytest.raises(RefusedFile, match="moved out"):
         open_regular(root / "a", [root])
 
