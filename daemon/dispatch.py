@@ -14,7 +14,7 @@ from pathlib import Path
 
 from previewd import outbox, rejections, snapshots
 from previewd.config import Config
-from previewd.errors import IntakeError, shown
+from previewd.errors import IntakeError, LoraError, shown
 from previewd.fileio import write_missing
 from previewd.inbox import Outcome
 from previewd.intake.planner import JOB_CONFIG, Plan, Planner
@@ -24,6 +24,9 @@ from previewd.queue.store import JobStore
 from previewd.safe_files import RefusedFile, Roots
 from previewd.spec import LoraSpec, RenderSpec
 from previewd.tasks import RenderTask
+
+LORA_FAILURE = f"{LoraError.__name__}: "
+"""How a job that failed on its LoRA begins its last_error (the worker records `Type: message`)."""
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +88,10 @@ class Dispatcher:
         except OSError as exc:  # a checkpoint vanished before it was copied: it is seen again if it returns
             self._once(path, f"cannot read: {exc}")
             return Outcome.DONE
+        for accepted in plan.accepted:  # before the jobs: a known failure may say so beside it again
+            rejections.clear(accepted)
         if tasks:
             self._enqueue(path, tasks)
-        for accepted in plan.accepted:
-            rejections.clear(accepted)
         return Outcome.DONE
 
     def materialise(self, plan: Plan) -> list[RenderTask]:
@@ -165,6 +168,8 @@ class Dispatcher:
                 outbox.record_cell(task, job_id=job.id, options=options)
             elif job.state == JobState.FAILED:
                 outbox.record_cell(task, job_id=job.id, error=job.last_error or "failed", options=options)
+                if (job.last_error or "").startswith(LORA_FAILURE):  # still true of the same file
+                    rejections.lora_failed(task, job.last_error.removeprefix(LORA_FAILURE))
         # Start-up scans and rescans deliver every known file again: only news is worth a line.
         (log.info if queued else log.debug)("%s: %d job(s) queued, %d already known", shown(source), queued,
                                             len(tasks) - queued)

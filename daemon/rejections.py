@@ -18,6 +18,7 @@ from pathlib import Path
 
 from previewd.errors import PreviewdError, shown
 from previewd.safe_files import RefusedFile, SafeDir, UnsafeFolder, output_roots, read_regular
+from previewd.tasks import RenderTask
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,11 @@ def reject(path: Path, exc: PreviewdError) -> None:
     """Log `exc` and write it beside `path`."""
     log.error("%s", exc)
     record(path, str(exc))
+
+
+def lora_failed(task: RenderTask, error: str) -> None:
+    """A LoRA that could not be applied, said beside the checkpoint or request that names it."""
+    record(task.lora_source(), f"rendering with it failed: {error}")
 
 
 def record(path: Path, reason: str) -> None:

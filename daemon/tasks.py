@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -40,6 +41,13 @@ class RenderTask(BaseModel):
 
     spec: RenderSpec
     target: OutputTarget
+
+    def lora_source(self) -> Path:
+        """Where a person fixes the LoRA of this render: a run's checkpoint, else the request."""
+        target = self.target
+        if target.job_dir and target.checkpoint and (Path(target.job_dir) / target.checkpoint).is_file():
+            return Path(target.job_dir) / target.checkpoint
+        return Path(target.source)
 
     def idempotency_key(self) -> str:
         """Same checkpoint content + same render parameters + same destination = same job."""

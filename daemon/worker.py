@@ -341,7 +341,7 @@ class Worker:
             if out_dir is not None:
                 rejections.record(out_dir, f"job {job.id} failed: {exc}")
             if isinstance(exc, LoraError) and task is not None:  # beside the file to fix, too
-                rejections.record(_file_naming_the_lora(task), f"rendering with it failed: {exc}")
+                rejections.lora_failed(task, str(exc))
             if task is not None:  # the page and grid show the cell's reason
                 outbox.record_cell(task, job_id=job.id, error=message, options=outbox.Options.of(self._config.output))
 
@@ -362,10 +362,3 @@ class Worker:
                 log.info("job %d: recorded after the database came back", job.id)
             return result
 
-
-def _file_naming_the_lora(task: RenderTask) -> Path:
-    """Where a person fixes a LoRA that cannot be applied: a run's checkpoint, else the request."""
-    target = task.target
-    if target.job_dir and target.checkpoint and (Path(target.job_dir) / target.checkpoint).is_file():
-        return Path(target.job_dir) / target.checkpoint
-    return Path(target.source)

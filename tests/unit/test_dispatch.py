@@ -83,6 +83,20 @@ def test_a_restart_does_not_copy_checkpoints_whose_jobs_are_known_but_a_new_prom
     assert copies == [ckpt] and snap.is_file() and len(store.list_jobs()) == 3
 
 
+def test_a_lora_that_failed_to_apply_is_said_beside_its_checkpoint_after_a_restart_too(setup):
+    config, store, dispatcher = setup
+    run = _run(config)
+    ckpt = _checkpoint(run / "example_lora_000000250.safetensors")
+    dispatcher.handle(ckpt)
+    for _ in store.list_jobs():
+        job = store.claim("w1", lease_seconds=60)
+        store.fail(job.id, "w1", "LoraError: none of the 1 LoRA modules exists in this model", retry_in=None)
+    Dispatcher(config, store).handle(ckpt)  # the restart delivers it again: still accepted as a file
+    said = error_file(ckpt).read_text()
+    assert "rendering with it failed: none of the 1 LoRA modules exists in this model" in said
+    assert "LoraError" not in said
+
+
 def test_final_checkpoint_takes_its_step_from_the_header(setup):
     config, store, dispatcher = setup
     run = _run(config)
